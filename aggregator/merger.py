@@ -1,0 +1,367 @@
+"""The merged book per symbol, the symbol demand, and the fan-out to subscribers.
+
+Feeds push into ExchangeBook handles; every change re-merges the top N of the
+symbol's *live* books from scratch (never patching a possibly stale merged
+copy), and only a merged top N that actually changed is serialized — once —
+and offered to the symbol's subscribers, each of which keeps only the latest.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Protocol
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
+from twisted.logger import Logger
+
+from aggregator._proto import orderbook_pb2
+from aggregator.book import BookState, Level, OrderBook
+
+MergedLevel = tuple[str, float, float]
+"""(exchange, price, amount)."""
+
+
+class UnknownSymbol(LookupError):
+    """No enabled exchange lists the symbol."""
+
+
+class SymbolListsUnavailable(RuntimeError):
+    """Some exchanges' symbol lists are not loaded yet, and none loaded lists it."""
+
+
+class Feed(Protocol):
+    """What the merger needs from an exchange feed."""
+
+    name: str
+
+    def listed_symbols(self) -> frozenset[str] | None:
+        """Canonical symbols the exchange trades; None until the list is loaded."""
+
+    def when_symbols_loaded(self) -> Deferred:
+        """Fires (with None) once listed_symbols() is not None."""
+
+    def watch(self, book: ExchangeBook) -> None:
+        """Start keeping `book` in sync with the exchange."""
+
+    def unwatch(self, symbol: str) -> None:
+        """Stop: nobody needs the symbol any more."""
+
+
+class ExchangeBook:
+    """One exchange's book for one symbol, with its sync state.
+
+    The handle a feed drives: replace()/apply() the levels, mark_syncing() /
+    mark_stale() when it cannot vouch for them. Every state change is logged
+    once, with its reason.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, exchange: str, symbol: str, on_change: Callable[[str], None]
+    ) -> None:
+        self.exchange = exchange
+        self.symbol = symbol
+        self.book = OrderBook()
+        self.state = BookState.SYNCING
+        self.reason = "subscribing"
+        self._on_change = on_change
+
+    @property
+    def live(self) -> bool:
+        return self.state is BookState.LIVE
+
+    def replace(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
+        """A snapshot the feed has verified: the book is live from now on.
+
+        Raises InvalidLevel (book unchanged) for bad numbers.
+        """
+        self.book.replace(bids, asks)
+        self._set_state(BookState.LIVE, "in sync")
+        self._on_change(self.symbol)
+
+    def apply(self, bids: list[Level], asks: list[Level]) -> None:
+        """An in-sequence update. Raises InvalidLevel (book unchanged)."""
+        self.book.apply(bids, asks)
+        if self.state is BookState.LIVE:
+            self._on_change(self.symbol)
+
+    def mark_syncing(self, reason: str) -> None:
+        self._withdraw(BookState.SYNCING, reason)
+
+    def mark_stale(self, reason: str) -> None:
+        self._withdraw(BookState.STALE, reason)
+
+    def _withdraw(self, state: BookState, reason: str) -> None:
+        was_live = self.live
+        self.book.clear()
+        self._set_state(state, reason)
+        if was_live:
+            self._on_change(self.symbol)
+
+    def _set_state(self, state: BookState, reason: str) -> None:
+        if state is self.state:
+            return
+        self.log.info(
+            "{exchange} {symbol}: {old} -> {new} ({reason})",
+            exchange=self.exchange,
+            symbol=self.symbol,
+            old=self.state.value,
+            new=state.value,
+            reason=reason,
+        )
+        self.state = state
+        self.reason = reason
+
+
+def merge_top(
+    books: Iterable[ExchangeBook], depth: int
+) -> tuple[list[MergedLevel], list[MergedLevel]]:
+    """The merged top `depth` bids and asks of the given books.
+
+    Bids best (highest) first, asks best (lowest) first; on an equal price the
+    larger amount first, then the exchange name, so the order is total and the
+    result deterministic.
+    """
+    bids: list[MergedLevel] = []
+    asks: list[MergedLevel] = []
+    for exchange_book in books:
+        name, book = exchange_book.exchange, exchange_book.book
+        bids.extend((name, p, a) for p, a in book.top_bids(depth))
+        asks.extend((name, p, a) for p, a in book.top_asks(depth))
+    bids.sort(key=lambda level: (-level[1], -level[2], level[0]))
+    asks.sort(key=lambda level: (level[1], -level[2], level[0]))
+    return bids[:depth], asks[:depth]
+
+
+def spread_of(bids: list[MergedLevel], asks: list[MergedLevel]) -> float:
+    """best ask - best bid; negative when crossed; NaN when a side is empty.
+
+    NaN, not 0: a zero spread is a real market state (locked).
+    """
+    if not bids or not asks:
+        return math.nan
+    return asks[0][1] - bids[0][1]
+
+
+def serialize_summary(bids: list[MergedLevel], asks: list[MergedLevel]) -> bytes:
+    Level_ = orderbook_pb2.Level
+    summary = orderbook_pb2.Summary(
+        spread=spread_of(bids, asks),
+        bids=[Level_(exchange=e, price=p, amount=a) for e, p, a in bids],
+        asks=[Level_(exchange=e, price=p, amount=a) for e, p, a in asks],
+    )
+    return summary.SerializeToString()
+
+
+class Subscription:
+    """One client's view of one symbol: a single slot, latest Summary wins.
+
+    However slow the client, it holds at most one pending Summary: a newer one
+    overwrites it (conflation), so memory per client is constant and a slow
+    reader never delays the others.
+    """
+
+    def __init__(self, symbol: str, release: Callable[[Subscription], None]) -> None:
+        self.symbol = symbol
+        self.delivered = 0
+        self.conflated = 0
+        self._pending: bytes | None = None
+        self._waiter: Deferred | None = None
+        self._release = release
+        self._ended = False
+
+    def offer(self, summary: bytes) -> None:
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            self.delivered += 1
+            waiter.callback(summary)
+            return
+        if self._pending is not None:
+            self.conflated += 1
+        self._pending = summary
+
+    def next(self) -> Deferred:
+        """Fires with the next serialized Summary, or None once ended."""
+        if self._pending is not None:
+            summary, self._pending = self._pending, None
+            self.delivered += 1
+            return succeed(summary)
+        if self._ended:
+            return succeed(None)
+        self._waiter = Deferred(self._cancel_wait)
+        return self._waiter
+
+    def end(self) -> None:
+        """The server is going away: the stream ends after what is pending."""
+        self._ended = True
+        if self._waiter is not None:
+            waiter, self._waiter = self._waiter, None
+            waiter.callback(None)
+
+    def close(self) -> None:
+        """The client is gone: release the demand (idempotent)."""
+        self._pending = None
+        self._ended = True
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
+
+    def _cancel_wait(self, waiter: Deferred) -> None:
+        if self._waiter is waiter:
+            self._waiter = None
+        waiter.errback(CancelledError())
+
+
+class _SymbolState:
+    __slots__ = ("books", "subscriptions", "refs", "published", "summary")
+
+    def __init__(self) -> None:
+        self.books: dict[str, ExchangeBook] = {}
+        self.subscriptions: set[Subscription] = set()
+        self.refs = 0
+        self.published: tuple[list[MergedLevel], list[MergedLevel]] = ([], [])
+        self.summary = serialize_summary([], [])
+
+
+class Merger(Service):
+    """Owns every ExchangeBook, the per-symbol demand and the subscribers."""
+
+    log = Logger()
+
+    def __init__(
+        self, feeds: Iterable[Feed], depth: int = 10, pinned: Iterable[str] = ()
+    ) -> None:
+        self.feeds = {feed.name: feed for feed in feeds}
+        self.depth = depth
+        self._symbols: dict[str, _SymbolState] = {}
+        # Symbols held for the daemon's whole life (--symbols), once listed.
+        self._pinned_waiting = set(pinned)
+
+    # -- life cycle ---------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        for feed in self.feeds.values():
+            feed.when_symbols_loaded().addCallback(lambda _, f=feed: self._feed_ready(f))
+        self.when_symbol_lists_loaded().addCallback(self._warn_unlisted_pinned)
+
+    def stopService(self) -> None:
+        super().stopService()
+        for state in self._symbols.values():
+            for subscription in list(state.subscriptions):
+                subscription.end()
+
+    # -- demand -------------------------------------------------------------
+
+    def listing_feeds(self, symbol: str) -> list[Feed]:
+        """Loaded feeds that list `symbol`.
+
+        Raises UnknownSymbol if every list is loaded and none has it, and
+        SymbolListsUnavailable if some are not loaded and none loaded has it.
+        """
+        listing, pending = [], []
+        for feed in self.feeds.values():
+            symbols = feed.listed_symbols()
+            if symbols is None:
+                pending.append(feed.name)
+            elif symbol in symbols:
+                listing.append(feed)
+        if listing:
+            return listing
+        if pending:
+            raise SymbolListsUnavailable(
+                f"symbol lists not loaded yet from: {', '.join(pending)}"
+            )
+        raise UnknownSymbol(
+            f"symbol {symbol!r} is not listed by any enabled exchange "
+            f"({', '.join(self.feeds)})"
+        )
+
+    def when_symbol_lists_loaded(self) -> Deferred:
+        """Fires once every feed has loaded its symbol list."""
+        return gatherResults(
+            [feed.when_symbols_loaded() for feed in self.feeds.values()]
+        )
+
+    def hold(self, symbol: str) -> None:
+        """Add one unit of demand for `symbol` (a subscriber or --symbols)."""
+        self.listing_feeds(symbol)
+        state = self._symbols.get(symbol)
+        if state is None:
+            state = self._symbols[symbol] = _SymbolState()
+        state.refs += 1
+        if state.refs == 1:
+            for feed in self.feeds.values():
+                self._watch_if_listed(feed, symbol, state)
+
+    def release(self, symbol: str) -> None:
+        """Remove one unit of demand; the last one unwatches the symbol."""
+        state = self._symbols[symbol]
+        state.refs -= 1
+        if state.refs > 0:
+            return
+        del self._symbols[symbol]
+        for exchange in state.books:
+            self.feeds[exchange].unwatch(symbol)
+
+    def subscribe(self, symbol: str) -> Subscription:
+        """A subscriber to `symbol`, already holding the current Summary."""
+        self.hold(symbol)
+        state = self._symbols[symbol]
+        subscription = Subscription(symbol, self._unsubscribe)
+        state.subscriptions.add(subscription)
+        subscription.offer(state.summary)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        self._symbols[subscription.symbol].subscriptions.discard(subscription)
+        self.release(subscription.symbol)
+
+    def _feed_ready(self, feed: Feed) -> None:
+        for symbol, state in self._symbols.items():
+            self._watch_if_listed(feed, symbol, state)
+        listed = feed.listed_symbols() or frozenset()
+        for symbol in sorted(self._pinned_waiting & listed):
+            self._pinned_waiting.discard(symbol)
+            self.hold(symbol)
+
+    def _warn_unlisted_pinned(self, _: object) -> None:
+        for symbol in sorted(self._pinned_waiting):
+            self.log.error(
+                "--symbols: {symbol} is not listed by any enabled exchange; ignored",
+                symbol=symbol,
+            )
+
+    def _watch_if_listed(self, feed: Feed, symbol: str, state: _SymbolState) -> None:
+        listed = feed.listed_symbols()
+        if listed is None or symbol not in listed or feed.name in state.books:
+            return
+        book = ExchangeBook(feed.name, symbol, self._book_changed)
+        state.books[feed.name] = book
+        feed.watch(book)
+
+    # -- merge and fan-out ----------------------------------------------------
+
+    def books(self, symbol: str) -> dict[str, ExchangeBook]:
+        state = self._symbols.get(symbol)
+        return dict(state.books) if state else {}
+
+    def current_summary(self, symbol: str) -> bytes | None:
+        state = self._symbols.get(symbol)
+        return state.summary if state else None
+
+    def _book_changed(self, symbol: str) -> None:
+        state = self._symbols.get(symbol)
+        if state is None:
+            return
+        merged = merge_top(
+            (book for book in state.books.values() if book.live), self.depth
+        )
+        if merged == state.published:
+            return
+        state.published = merged
+        state.summary = summary = serialize_summary(*merged)
+        for subscription in state.subscriptions:
+            subscription.offer(summary)

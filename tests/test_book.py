@@ -1,0 +1,78 @@
+import math
+
+import pytest
+
+from aggregator.book import InvalidLevel, OrderBook, parse_levels
+
+
+def book_with(bids, asks):
+    book = OrderBook()
+    book.replace(bids, asks)
+    return book
+
+
+def test_replace_sorts_sides_best_first():
+    book = book_with([(1.0, 2.0), (3.0, 1.0), (2.0, 5.0)], [(5.0, 1.0), (4.0, 2.0), (6.0, 3.0)])
+    assert book.top_bids(10) == [(3.0, 1.0), (2.0, 5.0), (1.0, 2.0)]
+    assert book.top_asks(10) == [(4.0, 2.0), (5.0, 1.0), (6.0, 3.0)]
+    assert book.top_bids(2) == [(3.0, 1.0), (2.0, 5.0)]
+    assert book.top_asks(0) == [] and book.top_bids(0) == []
+
+
+def test_apply_sets_absolute_amounts_and_zero_deletes():
+    book = book_with([(1.0, 2.0), (2.0, 1.0)], [(3.0, 1.0)])
+    book.apply([(1.0, 7.0), (2.0, 0.0), (0.5, 1.0)], [(3.0, 0.0), (3.5, 2.0)])
+    assert book.top_bids(10) == [(1.0, 7.0), (0.5, 1.0)]
+    assert book.top_asks(10) == [(3.5, 2.0)]
+
+
+def test_deleting_an_absent_level_is_fine():
+    book = book_with([(1.0, 2.0)], [])
+    book.apply([(9.0, 0.0)], [(9.5, 0.0)])
+    assert book.top_bids(10) == [(1.0, 2.0)] and book.top_asks(10) == []
+
+
+def test_snapshot_zero_amounts_are_skipped():
+    book = book_with([(1.0, 0.0), (2.0, 1.0)], [])
+    assert book.top_bids(10) == [(2.0, 1.0)]
+
+
+@pytest.mark.parametrize(
+    "level",
+    [(math.nan, 1.0), (1.0, math.nan), (math.inf, 1.0), (1.0, math.inf),
+     (-1.0, 1.0), (0.0, 1.0), (1.0, -0.5), (-math.inf, 1.0)],
+)
+def test_bad_numbers_are_rejected_and_the_book_is_unchanged(level):
+    book = book_with([(1.0, 2.0)], [(3.0, 1.0)])
+    with pytest.raises(InvalidLevel):
+        book.apply([(1.5, 1.0), level], [])
+    with pytest.raises(InvalidLevel):
+        book.apply([], [(2.5, 1.0), level])
+    with pytest.raises(InvalidLevel):
+        book.replace([level], [])
+    assert book.top_bids(10) == [(1.0, 2.0)]
+    assert book.top_asks(10) == [(3.0, 1.0)]
+
+
+def test_parse_levels_reads_decimal_strings_numerically():
+    assert parse_levels([["0.35120000", "6567.00000000"], ["1", "0.00000"]]) == [
+        (0.3512, 6567.0), (1.0, 0.0)]
+    # "NaN" and "inf" parse as floats: the book's range check rejects them.
+    levels = parse_levels([["NaN", "1"], ["1", "inf"]])
+    with pytest.raises(InvalidLevel):
+        OrderBook().apply(levels, [])
+
+
+@pytest.mark.parametrize(
+    "raw", [[["abc", "1"]], [["1"]], [[None, "1"]], [["1", {}]], None, [5], [["1", ""]]]
+)
+def test_parse_levels_rejects_unparsable(raw):
+    with pytest.raises(InvalidLevel):
+        parse_levels(raw)
+
+
+def test_crossed_detection():
+    assert book_with([(2.0, 1.0)], [(1.5, 1.0)]).is_crossed()
+    assert book_with([(2.0, 1.0)], [(2.0, 1.0)]).is_crossed()
+    assert not book_with([(1.0, 1.0)], [(2.0, 1.0)]).is_crossed()
+    assert not book_with([], [(2.0, 1.0)]).is_crossed()

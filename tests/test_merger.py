@@ -1,0 +1,215 @@
+import math
+import sys
+
+import pytest
+
+from aggregator._proto.orderbook_pb2 import Summary
+from aggregator.book import BookState
+from aggregator.merger import Merger, SymbolListsUnavailable, UnknownSymbol
+from tests.fakes import FakeFeed
+
+
+def summary_of(data: bytes) -> Summary:
+    return Summary.FromString(data)
+
+
+def levels(summary, side):
+    return [(level.exchange, level.price, level.amount) for level in getattr(summary, side)]
+
+
+@pytest.fixture
+def feeds():
+    return FakeFeed("binance", {"ethbtc", "btcusdt"}), FakeFeed("bitstamp", {"ethbtc", "ethusd"})
+
+
+@pytest.fixture
+def merger(feeds):
+    merger = Merger(feeds, depth=3)
+    merger.startService()
+    yield merger
+    merger.stopService()
+
+
+def next_summary(subscription) -> Summary:
+    results = []
+    subscription.next().addCallback(results.append)
+    assert results, "no Summary pending"
+    return summary_of(results[0])
+
+
+def test_merge_orders_best_first_with_tie_break_and_depth(merger, feeds):
+    binance, bitstamp = feeds
+    subscription = merger.subscribe("ethbtc")
+    binance.books["ethbtc"].replace([(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0), (12.0, 3.0)])
+    bitstamp.books["ethbtc"].replace([(10.0, 2.0), (9.5, 1.0)], [(11.0, 0.5), (11.5, 1.0)])
+    summary = next_summary(subscription)
+    assert levels(summary, "bids") == [
+        ("bitstamp", 10.0, 2.0), ("binance", 10.0, 1.0), ("bitstamp", 9.5, 1.0)]
+    assert levels(summary, "asks") == [
+        ("binance", 11.0, 1.0), ("bitstamp", 11.0, 0.5), ("bitstamp", 11.5, 1.0)]
+    assert summary.spread == pytest.approx(1.0)
+
+
+def test_equal_price_and_amount_is_ordered_by_exchange_name(merger, feeds):
+    binance, bitstamp = feeds
+    subscription = merger.subscribe("ethbtc")
+    bitstamp.books["ethbtc"].replace([(10.0, 1.0)], [])
+    binance.books["ethbtc"].replace([(10.0, 1.0)], [])
+    assert levels(next_summary(subscription), "bids") == [
+        ("binance", 10.0, 1.0), ("bitstamp", 10.0, 1.0)]
+
+
+def test_crossed_merged_book_has_negative_spread(merger, feeds):
+    binance, bitstamp = feeds
+    subscription = merger.subscribe("ethbtc")
+    binance.books["ethbtc"].replace([(10.0, 1.0)], [(10.5, 1.0)])
+    bitstamp.books["ethbtc"].replace([(10.2, 1.0)], [(10.1, 1.0)])
+    summary = next_summary(subscription)
+    assert summary.spread == pytest.approx(10.1 - 10.2)
+    assert summary.spread < 0
+
+
+def test_locked_book_has_zero_spread(merger, feeds):
+    binance, _ = feeds
+    subscription = merger.subscribe("ethbtc")
+    binance.books["ethbtc"].replace([(10.0, 1.0)], [(10.0, 2.0)])
+    assert next_summary(subscription).spread == 0.0
+
+
+@pytest.mark.parametrize("bids,asks", [([(10.0, 1.0)], []), ([], [(10.0, 1.0)]), ([], [])])
+def test_empty_side_gives_nan_spread(merger, feeds, bids, asks):
+    binance, _ = feeds
+    subscription = merger.subscribe("ethbtc")
+    next_summary(subscription)  # the initial, empty one
+    binance.books["ethbtc"].replace(bids, asks)
+    if bids or asks:
+        summary = next_summary(subscription)
+    else:
+        summary = summary_of(merger.current_summary("ethbtc"))
+    assert math.isnan(summary.spread)
+    assert len(summary.bids) == len(bids) and len(summary.asks) == len(asks)
+
+
+def test_new_subscriber_gets_the_current_summary_at_once(merger, feeds):
+    binance, _ = feeds
+    first = merger.subscribe("ethbtc")
+    binance.books["ethbtc"].replace([(10.0, 1.0)], [(11.0, 1.0)])
+    second = merger.subscribe("ethbtc")
+    assert levels(next_summary(second), "bids") == [("binance", 10.0, 1.0)]
+    assert levels(next_summary(first), "bids") == [("binance", 10.0, 1.0)]
+
+
+def test_initial_summary_before_any_data_is_empty_with_nan_spread(merger):
+    summary = next_summary(merger.subscribe("ethbtc"))
+    assert not summary.bids and not summary.asks and math.isnan(summary.spread)
+
+
+def test_only_live_books_are_merged(merger, feeds):
+    binance, bitstamp = feeds
+    subscription = merger.subscribe("ethbtc")
+    binance.books["ethbtc"].replace([(10.0, 1.0)], [(11.0, 1.0)])
+    bitstamp.books["ethbtc"].replace([(10.5, 1.0)], [(10.9, 1.0)])
+    next_summary(subscription)
+    bitstamp.books["ethbtc"].mark_stale("gap")
+    assert bitstamp.books["ethbtc"].state is BookState.STALE
+    summary = next_summary(subscription)
+    assert {level.exchange for level in summary.bids} == {"binance"}
+    assert {level.exchange for level in summary.asks} == {"binance"}
+
+
+def test_changes_below_the_top_n_publish_nothing(merger, feeds):
+    binance, _ = feeds
+    subscription = merger.subscribe("ethbtc")
+    binance.books["ethbtc"].replace([(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0)])
+    next_summary(subscription)
+    published = merger.current_summary("ethbtc")
+    binance.books["ethbtc"].apply([(7.0, 5.0)], [])
+    assert merger.current_summary("ethbtc") is published
+    pending = []
+    subscription.next().addCallback(pending.append)
+    assert pending == []
+
+
+def test_slow_subscriber_keeps_only_the_latest_summary(merger, feeds):
+    binance, _ = feeds
+    slow = merger.subscribe("ethbtc")
+    fast = merger.subscribe("ethbtc")
+    next_summary(fast)  # the initial, empty one
+    binance.books["ethbtc"].replace([], [])
+    received = []
+    for i in range(1000):
+        fast.next().addCallback(received.append)
+        binance.books["ethbtc"].apply([(10.0, 1.0 + i)], [])
+    assert len(received) == 1000
+    assert slow.conflated == 1000  # all but the latest superseded
+    assert len(slow.__dict__) == len(fast.__dict__)  # one slot, whatever the speed
+    latest = next_summary(slow)
+    assert levels(latest, "bids") == [("binance", 10.0, 1000.0)]
+    assert sys.getsizeof(slow._pending or b"") < 200
+
+
+def test_summary_is_serialized_once_per_change_for_all_subscribers(merger, feeds):
+    binance, _ = feeds
+    subscriptions = [merger.subscribe("ethbtc") for _ in range(3)]
+    binance.books["ethbtc"].replace([(10.0, 1.0)], [])
+    pending = [s._pending for s in subscriptions]
+    assert all(p is pending[0] for p in pending)
+
+
+def test_refcounting_watches_once_and_unwatches_after_the_last(merger, feeds):
+    binance, bitstamp = feeds
+    a = merger.subscribe("ethbtc")
+    b = merger.subscribe("ethbtc")
+    assert binance.watched == ["ethbtc"] and bitstamp.watched == ["ethbtc"]
+    a.close()
+    assert binance.unwatched == []
+    b.close()
+    b.close()  # idempotent
+    assert binance.unwatched == ["ethbtc"] and bitstamp.unwatched == ["ethbtc"]
+    assert merger.current_summary("ethbtc") is None
+
+
+def test_symbol_listed_by_one_exchange_watches_only_that_one(merger, feeds):
+    binance, bitstamp = feeds
+    merger.subscribe("btcusdt")
+    assert binance.watched == ["btcusdt"] and bitstamp.watched == []
+
+
+def test_unknown_symbol(merger):
+    with pytest.raises(UnknownSymbol, match="nosuch"):
+        merger.subscribe("nosuch")
+
+
+def test_symbol_lists_not_loaded_yet():
+    late = FakeFeed("bitstamp")
+    merger = Merger([FakeFeed("binance", {"ethbtc"}), late])
+    merger.startService()
+    with pytest.raises(SymbolListsUnavailable):
+        merger.subscribe("ethusd")
+    merger.subscribe("ethbtc")
+    assert late.watched == []
+    late.load({"ethbtc", "ethusd"})
+    assert late.watched == ["ethbtc"]
+    merger.subscribe("ethusd")
+
+
+def test_pinned_symbols_are_held_once_listed():
+    binance = FakeFeed("binance")
+    merger = Merger([binance], pinned=["ethbtc", "nosuch"])
+    merger.startService()
+    binance.load({"ethbtc"})
+    assert binance.watched == ["ethbtc"]
+    subscription = merger.subscribe("ethbtc")
+    subscription.close()
+    assert binance.unwatched == []  # still pinned
+
+
+def test_stop_ends_streams_after_pending_summary(feeds):
+    merger = Merger(feeds)
+    merger.startService()
+    subscription = merger.subscribe("ethbtc")
+    merger.stopService()
+    assert next_summary(subscription) is not None
+    ended = []
+    subscription.next().addCallback(ended.append)
+    assert ended == [None]
