@@ -39,3 +39,50 @@ class FakeFeed:
     def unwatch(self, symbol: str) -> None:
         del self.books[symbol]
         self.unwatched.append(symbol)
+
+
+class FakeHttp:
+    """JsonHttp double: each GET returns a Deferred the test fires."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, Deferred]] = []
+
+    def get_json(self, url: str) -> Deferred:
+        d = Deferred()
+        self.requests.append((url, d))
+        return d
+
+    def pending(self, prefix: str = "") -> list[tuple[str, Deferred]]:
+        return [(u, d) for u, d in self.requests if u.startswith(prefix) and not d.called]
+
+    def answer(self, prefix: str, document) -> None:
+        """Fire the oldest pending request whose URL starts with prefix."""
+        url, d = self.pending(prefix)[0]
+        d.callback(document)
+
+    def fail(self, prefix: str, error: Exception) -> None:
+        url, d = self.pending(prefix)[0]
+        d.errback(error)
+
+    def close(self) -> Deferred:
+        return succeed(None)
+
+
+class FakeProtocol:
+    """What a feed sees of its websocket connection."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+        self.dropped = False
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        assert not isBinary
+        self.sent.append(payload)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        self.dropped = True
+
+    def frames(self) -> list:
+        import orjson
+
+        return [orjson.loads(p) for p in self.sent]

@@ -60,6 +60,9 @@ class ExchangeFeed(Service):
         self._list_request: Deferred | None = None
         self._list_retry: Any = None
         self._connection: ClientService | None = None
+        self._to_start: dict[str, None] = {}  # ordered sets
+        self._to_stop: dict[str, None] = {}
+        self._demand_flush: Any = None
         self._outbox: deque[bytes] = deque()
         self._send_timer: Any = None
         self._next_send_at = 0.0
@@ -78,15 +81,33 @@ class ExchangeFeed(Service):
 
     def watch(self, book: ExchangeBook) -> None:
         self.books[book.symbol] = book
-        if self.protocol is not None:
-            self.start_symbols([book.symbol])
+        self._to_start[book.symbol] = None
+        self._schedule_demand_flush()
 
     def unwatch(self, symbol: str) -> None:
         if self.books.pop(symbol, None) is None:
             return
         self.forget_symbol(symbol)
-        if self.protocol is not None:
-            self.stop_symbols([symbol])
+        if self._to_start.pop(symbol, 1) is not None:  # already subscribed
+            self._to_stop[symbol] = None
+            self._schedule_demand_flush()
+
+    def _schedule_demand_flush(self) -> None:
+        # Demand changes made in one reactor turn (a client asking for many
+        # symbols, a burst of disconnects) leave as one batch of frames.
+        if self._demand_flush is None:
+            self._demand_flush = self.reactor.callLater(0, self._flush_demand)
+
+    def _flush_demand(self) -> None:
+        self._demand_flush = None
+        to_stop, self._to_stop = list(self._to_stop), {}
+        to_start, self._to_start = list(self._to_start), {}
+        if self.protocol is None:
+            return  # connection_opened subscribes everything watched
+        if to_stop:
+            self.stop_symbols(to_stop)
+        if to_start:
+            self.start_symbols(to_start)
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -105,10 +126,10 @@ class ExchangeFeed(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        for timer in (self._list_retry, self._send_timer):
+        for timer in (self._list_retry, self._send_timer, self._demand_flush):
             if timer is not None and timer.active():
                 timer.cancel()
-        self._list_retry = self._send_timer = None
+        self._list_retry = self._send_timer = self._demand_flush = None
         if self._list_request is not None:
             self._list_request.cancel()
         for symbol in list(self.books):
@@ -157,6 +178,8 @@ class ExchangeFeed(Service):
         self.protocol = protocol
         self._next_send_at = 0.0
         self.log.info("{feed}: connected to {url}", feed=self.name, url=self.connection_url())
+        self._to_start.clear()
+        self._to_stop.clear()
         for book in self.books.values():
             book.mark_syncing("connected, resubscribing")
         if self.books:

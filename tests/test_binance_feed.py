@@ -1,0 +1,250 @@
+import orjson
+import pytest
+from twisted.internet.task import Clock
+
+from aggregator.book import BookState
+from aggregator.exchanges.binance import BinanceFeed
+from aggregator.merger import ExchangeBook
+from tests import recorded
+from tests.fakes import FakeHttp, FakeProtocol
+
+REST = "http://rest.test"
+
+
+def diff(symbol, first, last, bids=(), asks=()):
+    return orjson.dumps({"stream": f"{symbol}@depth@100ms", "data": {
+        "e": "depthUpdate", "E": 1, "s": symbol.upper(), "U": first, "u": last,
+        "b": [list(level) for level in bids], "a": [list(level) for level in asks]}})
+
+
+def snapshot(last_update_id, bids=(), asks=()):
+    return {"lastUpdateId": last_update_id, "bids": [list(b) for b in bids],
+            "asks": [list(a) for a in asks]}
+
+
+class Harness:
+    def __init__(self, symbols=("ethbtc",)):
+        self.clock = Clock()
+        self.http = FakeHttp()
+        self.feed = BinanceFeed("ws://ws.test", REST, reactor=self.clock, http=self.http)
+        self.changes = []
+        self.books = {}
+        for symbol in symbols:
+            self.books[symbol] = ExchangeBook("binance", symbol, self.changes.append)
+            self.feed.watch(self.books[symbol])
+        self.protocol = FakeProtocol()
+        self.feed.connection_opened(self.protocol)
+        self.clock.advance(0)
+
+    def ack_all(self):
+        for frame in self.protocol.frames():
+            if frame.get("method") == "SUBSCRIBE":
+                self.feed.message_received(orjson.dumps({"result": None, "id": frame["id"]}))
+
+    def live(self, symbol="ethbtc", last_update_id=100, bids=(("1.0", "1.0"),), asks=(("2.0", "1.0"),)):
+        self.ack_all()
+        self.http.answer(f"{REST}/api/v3/depth?symbol={symbol.upper()}", snapshot(last_update_id, bids, asks))
+        assert self.books[symbol].state is BookState.LIVE
+
+
+def test_subscribes_then_fetches_snapshot_after_ack():
+    h = Harness(["ethbtc", "btcusdt"])
+    assert h.protocol.frames() == [{"method": "SUBSCRIBE", "params": [
+        "ethbtc@depth@100ms", "btcusdt@depth@100ms"], "id": 1}]
+    assert h.http.pending(f"{REST}/api/v3/depth") == []
+    h.ack_all()
+    assert [url for url, _ in h.http.pending(f"{REST}/api/v3/depth")] == [
+        f"{REST}/api/v3/depth?symbol=ETHBTC&limit=1000",
+        f"{REST}/api/v3/depth?symbol=BTCUSDT&limit=1000"]
+    assert h.books["ethbtc"].state is BookState.SYNCING
+
+
+def test_buffered_diffs_are_bridged_by_update_id():
+    h = Harness()
+    h.ack_all()
+    h.feed.message_received(diff("ethbtc", 95, 99, bids=[("1.5", "9")]))   # in snapshot
+    h.feed.message_received(diff("ethbtc", 100, 102, bids=[("1.1", "3")]))  # bridges L+1=101
+    h.feed.message_received(diff("ethbtc", 103, 103, asks=[("2.0", "0")]))
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(100, [("1.0", "1.0")], [("2.0", "1.0"), ("2.5", "4")]))
+    book = h.books["ethbtc"].book
+    assert book.top_bids(10) == [(1.1, 3.0), (1.0, 1.0)]
+    assert book.top_asks(10) == [(2.5, 4.0)]
+    assert h.feed.syncs["ethbtc"].last_update_id == 103
+
+
+def test_diff_older_than_snapshot_arriving_after_it_is_dropped_by_id():
+    h = Harness()
+    h.live(last_update_id=100)
+    h.feed.message_received(diff("ethbtc", 97, 100, bids=[("1.0", "0")]))  # already in snapshot
+    assert h.books["ethbtc"].book.top_bids(10) == [(1.0, 1.0)]
+    h.feed.message_received(diff("ethbtc", 99, 101, bids=[("1.0", "5")]))  # straddles L+1
+    assert h.books["ethbtc"].book.top_bids(10) == [(1.0, 5.0)]
+
+
+def test_gap_marks_stale_and_resyncs_that_symbol_only():
+    h = Harness(["ethbtc", "btcusdt"])
+    h.live("ethbtc", 100)
+    h.live("btcusdt", 500)
+    h.feed.message_received(diff("ethbtc", 101, 101, bids=[("1.2", "1")]))
+    h.feed.message_received(diff("ethbtc", 105, 106, bids=[("1.3", "1")]))  # 102-104 missing
+    assert h.books["ethbtc"].state is BookState.STALE
+    assert "gap" in h.books["ethbtc"].reason
+    assert h.books["ethbtc"].book.top_bids(10) == []  # withheld, not served
+    assert h.books["btcusdt"].state is BookState.LIVE
+    h.clock.advance(0)
+    h.feed.message_received(diff("ethbtc", 107, 108, bids=[("1.4", "2")]))  # buffered meanwhile
+    h.http.answer(f"{REST}/api/v3/depth?symbol=ETHBTC", snapshot(106, [("1.3", "1")], [("2.0", "1")]))
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(10) == [(1.4, 2.0), (1.3, 1.0)]
+
+
+def test_snapshot_older_than_the_stream_is_fetched_again():
+    h = Harness()
+    h.ack_all()
+    h.feed.message_received(diff("ethbtc", 120, 121))
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(100))
+    assert h.books["ethbtc"].state is not BookState.LIVE
+    h.clock.advance(0)
+    assert len(h.http.pending(f"{REST}/api/v3/depth")) == 1
+    h.feed.message_received(diff("ethbtc", 122, 122, bids=[("1.0", "2")]))
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(121, [("1.0", "1")], []))
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(10) == [(1.0, 2.0)]
+
+
+@pytest.mark.parametrize("level", [("NaN", "1"), ("1", "inf"), ("-1", "1"), ("1", "-2"),
+                                    ("abc", "1"), ("0", "1"), (None, "1"), ("1",)])
+def test_bad_numbers_reject_the_update_and_resync(level):
+    h = Harness()
+    h.live(last_update_id=100)
+    h.feed.message_received(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
+        "e": "depthUpdate", "U": 101, "u": 101, "b": [["1.5", "1"], list(level)], "a": []}}))
+    book = h.books["ethbtc"]
+    assert book.state is BookState.STALE and "rejected update" in book.reason
+    assert book.book.top_bids(10) == []
+    h.clock.advance(0)
+    assert len(h.http.pending(f"{REST}/api/v3/depth")) == 1
+
+
+@pytest.mark.parametrize("ids", [{"U": "101", "u": 101}, {"u": 101}, {"U": 102, "u": 101}])
+def test_malformed_update_ids_resync(ids):
+    h = Harness()
+    h.live(last_update_id=100)
+    h.feed.message_received(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
+        "e": "depthUpdate", **ids, "b": [], "a": []}}))
+    assert h.books["ethbtc"].state is BookState.STALE
+
+
+def test_bad_snapshot_is_fetched_again():
+    h = Harness()
+    h.ack_all()
+    h.http.answer(f"{REST}/api/v3/depth", {"lastUpdateId": 5, "bids": [["nan", "1"]], "asks": []})
+    assert h.books["ethbtc"].state is BookState.STALE
+    h.clock.advance(0)
+    h.http.answer(f"{REST}/api/v3/depth", {"unexpected": True})
+    h.clock.advance(60)
+    h.http.fail(f"{REST}/api/v3/depth", RuntimeError("HTTP 500"))
+    h.clock.advance(60)
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(5, [("1", "1")]))
+    assert h.books["ethbtc"].state is BookState.LIVE
+
+
+def test_malformed_json_and_unknown_messages_do_not_break_the_feed():
+    h = Harness()
+    h.live(last_update_id=100)
+    h.feed.message_received(b"{not json")
+    h.feed.message_received(b"[1, 2]")
+    h.feed.message_received(orjson.dumps({"stream": "ethbtc@trade", "data": {"e": "trade"}}))
+    h.feed.message_received(diff("ethbtc", 101, 101, bids=[("1.5", "1")]))
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(1) == [(1.5, 1.0)]
+
+
+def test_error_reply_marks_the_requested_symbols_stale():
+    h = Harness()
+    h.feed.message_received(orjson.dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": 1}))
+    assert h.books["ethbtc"].state is BookState.STALE
+
+
+def test_unwatch_sends_unsubscribe_and_cancels_the_snapshot():
+    h = Harness()
+    h.ack_all()
+    (_, request), = h.http.pending(f"{REST}/api/v3/depth")
+    h.feed.unwatch("ethbtc")
+    assert request.called  # cancelled
+    h.clock.advance(0)
+    h.clock.advance(1)
+    assert h.protocol.frames()[-1] == {"method": "UNSUBSCRIBE", "params": ["ethbtc@depth@100ms"], "id": 2}
+    h.feed.message_received(diff("ethbtc", 1, 2))  # late data for it is ignored
+
+
+def test_symbols_watched_in_one_turn_share_one_subscribe_frame():
+    h = Harness([])
+    for i in range(150):
+        h.feed.watch(ExchangeBook("binance", f"sym{i}", h.changes.append))
+    h.feed.unwatch("sym149")  # never subscribed: nothing to send for it
+    h.clock.advance(0)
+    h.clock.advance(1)
+    frames = h.protocol.frames()
+    assert [len(f["params"]) for f in frames] == [100, 49]
+    assert all(f["method"] == "SUBSCRIBE" for f in frames)
+
+
+def test_outbound_frames_are_paced_under_binance_budget():
+    h = Harness([])
+    for i in range(20):
+        h.feed.send({"id": i})
+    sent_at = []
+    for _ in range(200):
+        sent_at.extend([h.clock.seconds()] * (len(h.protocol.sent) - len(sent_at)))
+        h.clock.advance(0.05)
+    assert len(sent_at) == 20
+    for i in range(len(sent_at) - 4):
+        assert sent_at[i + 4] - sent_at[i] >= 1.0 - 1e-9  # never 5 within a second
+
+
+def test_disconnect_marks_everything_stale_and_reconnect_resubscribes():
+    h = Harness()
+    h.live(last_update_id=100)
+    h.feed.connection_closed(h.protocol, "code=1006")
+    assert h.books["ethbtc"].state is BookState.STALE
+    assert h.feed.syncs == {}
+    protocol = FakeProtocol()
+    h.feed.connection_opened(protocol)
+    assert protocol.frames()[0]["params"] == ["ethbtc@depth@100ms"]
+    assert h.books["ethbtc"].state is BookState.SYNCING
+    h.protocol = protocol
+    h.live(last_update_id=300)
+
+
+def test_recorded_traffic_reproduces_binance_book_ticker():
+    """PROTOCOLS §3.4: snapshot + diffs reproduce every bookTicker whose u
+    equals a diff's u, exactly."""
+    symbols = ["nknusdt", "blzeth", "lrcbtc", "runeeur"]
+    h = Harness(symbols)
+    h.ack_all()
+    checked = 0
+    tickers = {}  # (symbol, u) -> bookTicker; it arrives ahead of the 100 ms diff
+    for line in recorded.merged("BINANCE"):
+        if line.kind == "http":
+            symbol = line.url.split("symbol=")[1].split("&")[0]
+            h.http.answer(f"{REST}/api/v3/depth?symbol={symbol}", orjson.loads(line.payload))
+            continue
+        if line.kind != "recv":
+            continue
+        h.feed.message_received(line.payload.encode())
+        message = orjson.loads(line.payload)
+        symbol = message["stream"].partition("@")[0]
+        if message["stream"].endswith("@bookTicker"):
+            tickers[symbol, message["data"]["u"]] = message["data"]
+            continue
+        sync = h.feed.syncs[symbol]
+        ticker = tickers.pop((symbol, sync.last_update_id), None)
+        if sync.state == "live" and ticker is not None:
+            book = h.books[symbol].book
+            assert book.top_bids(1) == [(float(ticker["b"]), float(ticker["B"]))]
+            assert book.top_asks(1) == [(float(ticker["a"]), float(ticker["A"]))]
+            checked += 1
+    assert checked == 26  # NKNUSDT 19, LRCBTC 6, BLZETH 1
+    assert all(book.state is BookState.LIVE for book in h.books.values())
+    assert not any(book.book.is_crossed() for book in h.books.values())

@@ -1,0 +1,131 @@
+import orjson
+import pytest
+from twisted.internet.task import Clock
+
+from aggregator.book import BookState
+from aggregator.exchanges.bitstamp import BitstampFeed
+from aggregator.merger import ExchangeBook
+from tests import recorded
+from tests.fakes import FakeHttp, FakeProtocol
+
+REST = "http://rest.test"
+
+
+def book_message(pair, micros, bids=(), asks=()):
+    return orjson.dumps({"data": {"timestamp": str(micros // 10**6), "microtimestamp": str(micros),
+                                  "bids": [list(b) for b in bids], "asks": [list(a) for a in asks]},
+                         "channel": f"order_book_{pair}", "event": "data"})
+
+
+class Harness:
+    def __init__(self, symbols=("ethbtc",)):
+        self.clock = Clock()
+        self.clock.advance(1700000000)
+        self.http = FakeHttp()
+        self.feed = BitstampFeed("ws://ws.test", REST, reactor=self.clock, http=self.http)
+        self.books = {}
+        for symbol in symbols:
+            self.books[symbol] = ExchangeBook("bitstamp", symbol, lambda s: None)
+            self.feed.watch(self.books[symbol])
+        self.protocol = FakeProtocol()
+        self.feed.connection_opened(self.protocol)
+        self.clock.advance(0)
+
+
+def test_subscribes_order_book_channel_and_seeds_from_rest_with_cache_buster():
+    h = Harness(["ethbtc", "btcusd"])
+    h.clock.advance(0.1)  # frames are paced
+    assert h.protocol.frames() == [
+        {"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}},
+        {"event": "bts:subscribe", "data": {"channel": "order_book_btcusd"}}]
+    assert [url for url, _ in h.http.pending()] == [
+        f"{REST}/api/v2/order_book/ethbtc/?_=1700000000000",
+        f"{REST}/api/v2/order_book/btcusd/?_=1700000000000"]
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "timestamp": "1", "microtimestamp": "1000", "bids": [["0.05", "1.5"]], "asks": [["0.06", "2"]]})
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(10) == [(0.05, 1.5)]
+
+
+def test_each_newer_message_replaces_the_book_and_older_ones_are_ignored():
+    h = Harness()
+    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], [("0.06", "1")]))
+    assert h.books["ethbtc"].state is BookState.LIVE
+    h.feed.message_received(book_message("ethbtc", 3000, [("0.049", "2")], [("0.061", "1")]))
+    assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
+    # The REST seed answered late and is older than the stream: ignored.
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "timestamp": "0", "microtimestamp": "2500", "bids": [["0.01", "1"]], "asks": []})
+    assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
+    h.feed.message_received(book_message("ethbtc", 3000, [("0.01", "1")], []))
+    assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
+
+
+@pytest.mark.parametrize("bids", [[("nan", "1")], [("0.05", "-1")], [("0.05", "inf")],
+                                  [("x", "1")], [("0.05",)], "garbage"])
+def test_bad_message_withholds_the_book_until_the_next_good_one(bids):
+    h = Harness()
+    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], [("0.06", "1")]))
+    h.feed.message_received(orjson.dumps({"data": {"microtimestamp": "3000", "bids": bids, "asks": []},
+                                          "channel": "order_book_ethbtc", "event": "data"}))
+    assert h.books["ethbtc"].state is BookState.STALE
+    assert h.books["ethbtc"].book.top_bids(10) == []
+    h.feed.message_received(book_message("ethbtc", 4000, [("0.05", "3")], [("0.06", "1")]))
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(10) == [(0.05, 3.0)]
+
+
+@pytest.mark.parametrize("data", [None, {}, {"microtimestamp": "abc", "bids": [], "asks": []},
+                                  {"microtimestamp": "5000", "asks": []}])
+def test_malformed_data_is_rejected(data):
+    h = Harness()
+    h.feed.message_received(orjson.dumps({"data": data, "channel": "order_book_ethbtc", "event": "data"}))
+    assert h.books["ethbtc"].state is BookState.STALE
+
+
+def test_request_reconnect_drops_the_connection():
+    h = Harness()
+    h.feed.message_received(b'{"event":"bts:request_reconnect","channel":"","data":""}')
+    assert h.protocol.dropped
+
+
+def test_errors_and_unknown_frames_do_not_break_the_feed():
+    h = Harness()
+    for frame in [b'{"event":"bts:error","channel":"","data":{"code":null,"message":"Bad subscription string."}}',
+                  b"not json", b"[]", b'{"event":"trade","channel":"live_trades_ethbtc","data":{}}',
+                  b'{"event":"bts:subscription_succeeded","channel":"order_book_ethbtc","data":{}}',
+                  b'{"event":"data","channel":"order_book_nosuch","data":{}}']:
+        h.feed.message_received(frame)
+    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], []))
+    assert h.books["ethbtc"].state is BookState.LIVE
+
+
+def test_unwatch_unsubscribes_and_ignores_late_messages():
+    h = Harness()
+    h.feed.unwatch("ethbtc")
+    h.clock.advance(0)
+    h.clock.advance(0.1)  # frames are paced
+    assert h.protocol.frames()[-1] == {"event": "bts:unsubscribe", "data": {"channel": "order_book_ethbtc"}}
+    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], []))
+
+
+def test_disconnect_marks_stale_and_reconnect_resubscribes():
+    h = Harness()
+    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], []))
+    h.feed.connection_closed(h.protocol, "code=1006")
+    assert h.books["ethbtc"].state is BookState.STALE
+    protocol = FakeProtocol()
+    h.feed.connection_opened(protocol)
+    assert protocol.frames() == [{"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}}]
+    h.feed.message_received(book_message("ethbtc", 1000, [("0.05", "1")], []))  # new connection: any time
+    assert h.books["ethbtc"].state is BookState.LIVE
+
+
+def test_recorded_snapshot_seeds_the_book():
+    h = Harness(["ethusd"])
+    line = next(l for l in recorded.read("BITSTAMP.http.0.0") if l.url.endswith("/ethusd"))
+    document = orjson.loads(line.payload)
+    h.http.answer(f"{REST}/api/v2/order_book/ethusd/", document)
+    book = h.books["ethusd"].book
+    assert book.top_bids(1) == [(float(document["bids"][0][0]), float(document["bids"][0][1]))]
+    assert book.depth() == (len(document["bids"]), len(document["asks"]))
