@@ -42,7 +42,9 @@ class AggregatorServicer:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         subscription = await self._subscribe(symbol, context)
         self.subscriptions.add(subscription)
-        self.log.info("stream opened: {symbol} for {peer}", symbol=symbol, peer=context.peer())
+        # Read now: context.peer() on a finished call crashes the process (grpcio 1.85).
+        peer = context.peer()
+        self.log.info("stream opened: {symbol} for {peer}", symbol=symbol, peer=peer)
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -53,7 +55,7 @@ class AggregatorServicer:
         finally:
             self.subscriptions.discard(subscription)
             subscription.close()
-            self.log.info("stream closed: {symbol} for {peer}", symbol=symbol, peer=context.peer())
+            self.log.info("stream closed: {symbol} for {peer}", symbol=symbol, peer=peer)
 
     async def _subscribe(self, symbol: str, context: grpc.aio.ServicerContext) -> Subscription:
         try:
