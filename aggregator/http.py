@@ -32,6 +32,7 @@ class JsonHttp:
     def __init__(self, reactor: Any, concurrency: int = 4, timeout: float = 10.0) -> None:
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool._factory.noisy = False  # no "Starting factory" line per connection
         self._client = HTTPClient(Agent(reactor, pool=self._pool))
         self._slots = DeferredSemaphore(concurrency)
         self._timeout = timeout

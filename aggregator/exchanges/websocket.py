@@ -89,6 +89,7 @@ def websocket_client_service(
 ) -> ClientService:
     factory = WebSocketClientFactory(url, reactor=reactor)
     factory.protocol = FeedProtocol
+    factory.noisy = False  # ClientService logs connection attempts itself
     factory.handler = handler
     factory.setProtocolOptions(
         autoPingInterval=auto_ping_interval,
