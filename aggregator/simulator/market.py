@@ -1,0 +1,181 @@
+"""The simulator's ground truth: one order book per exchange+symbol, and its change events.
+
+A `Market` is exchange-neutral: it stores levels as the exact decimal strings the protocol
+servers will send, and stamps every change event with both sequencing schemes (Binance update
+ids, Bitstamp microtimestamps). Sources write to markets; protocol servers listen to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+from operator import neg
+from typing import Callable, Iterable, Sequence
+
+from sortedcontainers import SortedDict
+
+# (price, amount) as decimal strings, exactly as sent on the wire. Amount zero = delete.
+Level = tuple[str, str]
+Listener = Callable[["Update"], None]
+
+
+def zero_like(amount: str) -> str:
+    """A zero amount written with the same number of decimals as `amount` ("0.00000")."""
+    _, dot, frac = amount.partition(".")
+    return "0." + "0" * len(frac) if dot else "0"
+
+
+def fixed(units: int, exponent: int, decimals: int) -> str:
+    """Format the integer `units` * 10**-exponent with exactly `decimals` decimals.
+
+    Integer arithmetic, so a synthetic price is always the decimal the source meant (no float
+    rounding in the last digit); `decimals` must be >= `exponent`.
+    """
+    if decimals < exponent:
+        raise ValueError(f"cannot write 10**-{exponent} with {decimals} decimals")
+    digits = str(units).rjust(exponent + 1, "0")
+    whole, frac = (digits[:-exponent], digits[-exponent:]) if exponent else (digits, "")
+    frac += "0" * (decimals - exponent)
+    return f"{whole}.{frac}" if decimals else whole
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """One change event as applied to a market: everything a protocol needs to describe it."""
+
+    exchange: str
+    symbol: str
+    first_id: int  # Binance update-id span U..u of this event
+    last_id: int
+    microtimestamp: int  # Bitstamp event time (µs), strictly increasing per market
+    bids: tuple[Level, ...]  # changed levels, best first, one per price; zero amount = delete
+    asks: tuple[Level, ...]
+
+
+class Book:
+    """Both sides of one order book, keyed by the float value of the price (PROTOCOLS §0)."""
+
+    def __init__(self, bids: Iterable[Sequence[str]] = (), asks: Iterable[Sequence[str]] = ()):
+        # value = (price string, amount string, amount float); bids sorted by -price, so both
+        # sides iterate best-first.
+        self._bids: SortedDict = SortedDict(neg)
+        self._asks: SortedDict = SortedDict()
+        self.apply(bids, asks)
+
+    def copy(self) -> "Book":
+        book = Book()
+        book._bids.update(self._bids)
+        book._asks.update(self._asks)
+        return book
+
+    def apply(self, bids: Iterable[Sequence[str]], asks: Iterable[Sequence[str]]) -> None:
+        for side, levels in ((self._bids, bids), (self._asks, asks)):
+            for price, amount in levels:
+                value = float(amount)
+                if value == 0:
+                    side.pop(float(price), None)  # deleting an absent level is normal
+                else:
+                    side[float(price)] = (price, amount, value)
+
+    def depth(self) -> tuple[int, int]:
+        return len(self._bids), len(self._asks)
+
+    def levels(self, n: int | None = None) -> tuple[list[Level], list[Level]]:
+        """Top `n` levels per side (all when None) as strings, best first."""
+        return (
+            [(p, a) for p, a, _ in islice(self._bids.values(), n)],
+            [(p, a) for p, a, _ in islice(self._asks.values(), n)],
+        )
+
+    def floats(self, n: int | None = None) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+        """Top `n` levels per side as (price, amount) floats parsed from the strings, best first."""
+        return (
+            [(k, v[2]) for k, v in islice(self._bids.items(), n)],
+            [(k, v[2]) for k, v in islice(self._asks.items(), n)],
+        )
+
+    def best(self) -> tuple[float | None, float | None]:
+        bid = self._bids.peekitem(0)[0] if self._bids else None
+        ask = self._asks.peekitem(0)[0] if self._asks else None
+        return bid, ask
+
+    def crossed(self) -> bool:
+        bid, ask = self.best()
+        return bid is not None and ask is not None and bid >= ask
+
+    def changes_to(self, target: "Book", zero: str) -> tuple[list[Level], list[Level]]:
+        """The levels to apply to this book to make it equal to `target` (deletes use `zero`)."""
+        result: list[list[Level]] = []
+        for mine, theirs in ((self._bids, target._bids), (self._asks, target._asks)):
+            changes = [(p, zero) for k, (p, _, _) in mine.items() if k not in theirs]
+            for k, (p, a, v) in theirs.items():
+                current = mine.get(k)
+                if current is None or current[2] != v:
+                    changes.append((p, a))
+            result.append(changes)
+        return result[0], result[1]
+
+
+class Market:
+    """The true book of one exchange+symbol plus the sequencing state of its change events."""
+
+    def __init__(
+        self,
+        exchange: str,
+        symbol: str,
+        clock: Callable[[], float],
+        book: Book,
+        last_update_id: int,
+    ):
+        self.exchange = exchange
+        self.symbol = symbol
+        self.book = book
+        self.last_update_id = last_update_id
+        self._clock = clock
+        # A snapshot taken before any change carries the creation time.
+        self.last_microtimestamp = int(clock() * 1_000_000)
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def apply(
+        self, bids: Iterable[Sequence[str]], asks: Iterable[Sequence[str]], span: int | None = None
+    ) -> Update | None:
+        """Apply one change event, give it ids and a microtimestamp, and tell the listeners.
+
+        `span` = how many update ids the event consumes (Binance U..u); default one per level.
+        Nothing happens for an empty event: real exchanges never send empty diffs.
+        """
+        bid_map = {float(p): (p, a) for p, a in bids}
+        ask_map = {float(p): (p, a) for p, a in asks}
+        if not bid_map and not ask_map:
+            return None
+        bid_levels = tuple(bid_map[k] for k in sorted(bid_map, reverse=True))
+        ask_levels = tuple(ask_map[k] for k in sorted(ask_map))
+        span = span if span is not None else len(bid_levels) + len(ask_levels)
+        if span < 1:
+            raise ValueError("an update spans at least one id")
+        first = self.last_update_id + 1
+        self.last_update_id += span
+        # Reactor clock, but strictly increasing per market (hence per channel) even when many
+        # events happen within one reactor tick at high speed.
+        self.last_microtimestamp = max(int(self._clock() * 1_000_000), self.last_microtimestamp + 1)
+        self.book.apply(bid_levels, ask_levels)
+        update = Update(
+            self.exchange,
+            self.symbol,
+            first,
+            self.last_update_id,
+            self.last_microtimestamp,
+            bid_levels,
+            ask_levels,
+        )
+        for listener in list(self._listeners):
+            listener(update)
+        return update
