@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 
 from aggregator._proto import orderbook_pb2
@@ -65,9 +65,10 @@ class AggregatorServicer:
         except SymbolListsUnavailable:
             pass
         # Just started: wait a little for the exchanges' symbol lists.
-        loaded = self.merger.when_symbol_lists_loaded().asFuture(asyncio.get_running_loop())
+        loaded = self.merger.when_symbol_lists_loaded()
+        loaded.addErrback(lambda failure: failure.trap(CancelledError))  # our timeout
         try:
-            await asyncio.wait_for(loaded, self.symbol_list_wait)
+            await asyncio.wait_for(loaded.asFuture(asyncio.get_running_loop()), self.symbol_list_wait)
         except asyncio.TimeoutError:
             pass
         try:

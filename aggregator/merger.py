@@ -282,7 +282,8 @@ class Merger(Service):
     def when_symbol_lists_loaded(self) -> Deferred:
         """Fires once every feed has loaded its symbol list."""
         return gatherResults(
-            [feed.when_symbols_loaded() for feed in self.feeds.values()]
+            [feed.when_symbols_loaded() for feed in self.feeds.values()],
+            consumeErrors=True,
         )
 
     def hold(self, symbol: str) -> None:
