@@ -48,7 +48,9 @@ class FakeHttp:
         self.requests: list[tuple[str, Deferred]] = []
 
     def get_json(self, url: str) -> Deferred:
-        d = Deferred()
+        # Like treq, cancelling fails the request with a wrapped error, not
+        # necessarily CancelledError itself.
+        d = Deferred(lambda d: d.errback(RuntimeError(f"request to {url} cancelled")))
         self.requests.append((url, d))
         return d
 

@@ -176,6 +176,8 @@ def test_unwatch_sends_unsubscribe_and_cancels_the_snapshot():
     h.clock.advance(1)
     assert h.protocol.frames()[-1] == {"method": "UNSUBSCRIBE", "params": ["ethbtc@depth@100ms"], "id": 2}
     h.feed.message_received(diff("ethbtc", 1, 2))  # late data for it is ignored
+    assert h.clock.getDelayedCalls() == []  # no retry scheduled for a forgotten symbol
+    assert h.books["ethbtc"].state is BookState.SYNCING
 
 
 def test_symbols_watched_in_one_turn_share_one_subscribe_frame():

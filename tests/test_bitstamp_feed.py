@@ -102,7 +102,9 @@ def test_errors_and_unknown_frames_do_not_break_the_feed():
 
 def test_unwatch_unsubscribes_and_ignores_late_messages():
     h = Harness()
+    (_, seed), = h.http.pending()
     h.feed.unwatch("ethbtc")
+    assert seed.called  # cancelled, quietly
     h.clock.advance(0)
     h.clock.advance(0.1)  # frames are paced
     assert h.protocol.frames()[-1] == {"event": "bts:unsubscribe", "data": {"channel": "order_book_ethbtc"}}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from aggregator.book import InvalidLevel, parse_levels
@@ -128,17 +127,23 @@ class DepthSync:
     def fetch_snapshot(self) -> None:
         self.retry = None
         self.state = "fetching"
-        self.request = self.feed.http.get_json(
+        request = self.request = self.feed.http.get_json(
             f"{self.feed.rest_url}/api/v3/depth?symbol={self.symbol.upper()}"
             f"&limit={SNAPSHOT_LIMIT}"
         )
-        self.request.addCallbacks(self.snapshot, self.snapshot_failed)
+        request.addCallbacks(
+            self._snapshot_answered, self._snapshot_failed,
+            callbackArgs=(request,), errbackArgs=(request,),
+        )
 
-    def snapshot_failed(self, reason: Any) -> None:
-        self.request = None
-        if isinstance(reason.value, CancelledError):
-            return
-        self.resync(f"snapshot request failed: {reason.value}")
+    def _snapshot_answered(self, document: dict[str, Any], request: Any) -> None:
+        if request is self.request:  # else cancelled or superseded
+            self.snapshot(document)
+
+    def _snapshot_failed(self, reason: Any, request: Any) -> None:
+        if request is self.request:
+            self.request = None
+            self.resync(f"snapshot request failed: {reason.value}")
 
     def cancel(self) -> None:
         request, self.request = self.request, None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
 from aggregator.book import InvalidLevel, parse_levels
@@ -68,22 +67,23 @@ class BitstampFeed(ExchangeFeed):
     def _fetch_seed(self, symbol: str) -> None:
         # The cache-buster defeats the ~1 s edge cache in front of the endpoint.
         millis = int(self.reactor.seconds() * 1000)
-        request = self.http.get_json(
+        request = self._seed_requests[symbol] = self.http.get_json(
             f"{self.rest_url}/api/v2/order_book/{symbol}/?_={millis}"
         )
-        self._seed_requests[symbol] = request
         request.addCallbacks(
-            self._seed_loaded, self._seed_failed, callbackArgs=(symbol,), errbackArgs=(symbol,)
+            self._seed_loaded, self._seed_failed,
+            callbackArgs=(symbol, request), errbackArgs=(symbol, request),
         )
 
-    def _seed_loaded(self, document: Any, symbol: str) -> None:
-        self._seed_requests.pop(symbol, None)
-        self._book_message(symbol, document, "snapshot")
+    def _seed_loaded(self, document: Any, symbol: str, request: Any) -> None:
+        if self._seed_requests.get(symbol) is request:  # else cancelled
+            del self._seed_requests[symbol]
+            self._book_message(symbol, document, "snapshot")
 
-    def _seed_failed(self, reason: Any, symbol: str) -> None:
-        self._seed_requests.pop(symbol, None)
-        if isinstance(reason.value, CancelledError):
-            return
+    def _seed_failed(self, reason: Any, symbol: str, request: Any) -> None:
+        if self._seed_requests.get(symbol) is not request:
+            return  # cancelled: the symbol was unwatched or resubscribed
+        del self._seed_requests[symbol]
         # Not fatal: the channel's next message is a full book anyway.
         self.log.warn(
             "bitstamp {symbol}: snapshot request failed ({error}); waiting for the stream",

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Iterable
 import orjson
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from aggregator.exchanges.websocket import FeedProtocol, websocket_client_service
@@ -160,8 +160,8 @@ class ExchangeFeed(Service):
 
     def _symbol_list_failed(self, reason: Any) -> None:
         self._list_request = None
-        if isinstance(getattr(reason, "value", None), CancelledError) or not self.running:
-            return
+        if not self.running:
+            return  # cancelled by stopService
         delay = self.retry_policy(self._list_attempts)
         self._list_attempts += 1
         self.log.warn(
