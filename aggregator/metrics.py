@@ -1,0 +1,49 @@
+"""Prometheus metrics, every name prefixed `aggregator_`.
+
+Defined once here on the default registry; the parts of the daemon bind the
+label children they need at construction, so the hot path only calls inc().
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Enum, Gauge, Histogram
+
+MESSAGES = Counter(
+    "aggregator_messages", "Websocket frames received from an exchange.", ["exchange"]
+)
+REJECTS = Counter(
+    "aggregator_rejects",
+    "Exchange messages rejected (malformed JSON, bad numbers, bad ids, errors).",
+    ["exchange", "reason"],
+)
+RESYNCS = Counter(
+    "aggregator_resyncs", "Books resynchronised from a snapshot, by cause.", ["exchange", "reason"]
+)
+RECONNECTS = Counter(
+    "aggregator_reconnects", "Websocket connections opened after the first.", ["exchange"]
+)
+CROSSED = Counter(
+    "aggregator_crossed_books",
+    "Single-exchange books seen crossed (kept: it is what the exchange publishes).",
+    ["exchange"],
+)
+BOOK_STATE = Enum(
+    "aggregator_book_state",
+    "State of each exchange's book per symbol.",
+    ["exchange", "symbol"],
+    states=["syncing", "live", "stale"],
+)
+SNAPSHOT_REQUESTS = Counter(
+    "aggregator_snapshot_requests", "REST requests sent, by host role.", ["exchange", "kind"]
+)
+ACTIVE_STREAMS = Gauge("aggregator_active_streams", "Open BookSummary streams.")
+SUMMARIES_SENT = Counter("aggregator_summaries_sent", "Summaries handed to gRPC streams.")
+SUMMARIES_CONFLATED = Counter(
+    "aggregator_summaries_conflated",
+    "Summaries dropped because a newer one replaced them before a slow client read them.",
+)
+UPDATE_LATENCY = Histogram(
+    "aggregator_update_latency_seconds",
+    "From an exchange frame's arrival to the Summary reflecting it being handed to gRPC.",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
