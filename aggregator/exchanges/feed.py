@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import orjson
 from twisted.application.internet import ClientService, backoffPolicy
@@ -60,6 +60,7 @@ class ExchangeFeed(Service):
         self._list_request: Deferred | None = None
         self._list_retry: Any = None
         self._connection: ClientService | None = None
+        self._connection_listeners: list[Callable[[str, bool], None]] = []
         self._to_start: dict[str, None] = {}  # ordered sets
         self._to_stop: dict[str, None] = {}
         self._demand_flush: Any = None
@@ -67,7 +68,19 @@ class ExchangeFeed(Service):
         self._send_timer: Any = None
         self._next_send_at = 0.0
 
-    # -- what the merger uses ---------------------------------------------------
+    # -- what the merger (and health reporting) use ------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.protocol is not None
+
+    def add_connection_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """listener(exchange name, connected) on every connect and disconnect."""
+        self._connection_listeners.append(listener)
+
+    def _tell_connection_listeners(self) -> None:
+        for listener in self._connection_listeners:
+            listener(self.name, self.connected)
 
     def listed_symbols(self) -> frozenset[str] | None:
         return self._listed
@@ -184,6 +197,7 @@ class ExchangeFeed(Service):
             book.mark_syncing("connected, resubscribing")
         if self.books:
             self.start_symbols(list(self.books))
+        self._tell_connection_listeners()
 
     def connection_closed(self, protocol: FeedProtocol, reason: str) -> None:
         if protocol is not self.protocol:
@@ -198,6 +212,7 @@ class ExchangeFeed(Service):
         for symbol, book in self.books.items():
             self.forget_symbol(symbol)
             book.mark_stale(f"disconnected: {reason}")
+        self._tell_connection_listeners()
 
     def message_received(self, payload: bytes) -> None:
         try:
