@@ -7,8 +7,14 @@ from typing import Any
 import orjson
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
+
+from aggregator.ratelimit import RestLimiter
+
+# Statuses by which a host says "too many requests": stop asking until Retry-After.
+BACK_OFF_STATUSES = (418, 429)
+DEFAULT_RETRY_AFTER = 60.0
 
 
 class HttpError(Exception):
@@ -23,36 +29,36 @@ class HttpError(Exception):
 
 
 class JsonHttp:
-    """GETs JSON documents from one REST host, a few at a time.
+    """GETs JSON documents from one REST host within its request budget."""
 
-    The concurrency cap keeps a reconnect of many symbols from firing hundreds
-    of snapshot requests at once (exchanges ban IPs that do).
-    """
-
-    def __init__(self, reactor: Any, concurrency: int = 4, timeout: float = 10.0) -> None:
+    def __init__(self, reactor: Any, limiter: RestLimiter | None = None, timeout: float = 10.0) -> None:
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool._factory.noisy = False  # no "Starting factory" line per connection
         self._client = HTTPClient(Agent(reactor, pool=self._pool))
-        self._slots = DeferredSemaphore(concurrency)
+        self.limiter = limiter if limiter is not None else RestLimiter(reactor, 1200.0)
         self._timeout = timeout
 
-    def get_json(self, url: str) -> Deferred:
+    def get_json(self, url: str, weight: float = 1.0) -> Deferred:
         """Fires with the decoded document; fails with HttpError on non-2xx."""
-        return self._slots.run(self._get_json, url)
+        return Deferred.fromCoroutine(self._get(url, weight))
 
-    async def _get(self, url: str) -> Any:
-        response = await self._client.get(url, reactor=self._reactor, timeout=self._timeout)
-        body = await treq.content(response)
+    async def _get(self, url: str, weight: float) -> Any:
+        await self.limiter.acquire(weight)
+        try:
+            response = await self._client.get(url, reactor=self._reactor, timeout=self._timeout)
+            body = await treq.content(response)
+        finally:
+            self.limiter.release()
         if not 200 <= response.code < 300:
-            retry_after = response.headers.getRawHeaders(b"retry-after", [None])[0]
-            raise HttpError(url, response.code, body, _seconds(retry_after))
+            retry_after = _seconds(response.headers.getRawHeaders(b"retry-after", [None])[0])
+            if response.code in BACK_OFF_STATUSES:
+                self.limiter.block(retry_after or DEFAULT_RETRY_AFTER, response.code)
+            raise HttpError(url, response.code, body, retry_after)
         return orjson.loads(body)
 
-    def _get_json(self, url: str) -> Deferred:
-        return Deferred.fromCoroutine(self._get(url))
-
     def close(self) -> Deferred:
+        self.limiter.stop()
         return self._pool.closeCachedConnections()
 
 

@@ -15,6 +15,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
 from twisted.logger import Logger
 
+from aggregator import metrics
 from aggregator._proto import orderbook_pb2
 from aggregator.book import BookState, Level, OrderBook
 
@@ -67,24 +68,28 @@ class ExchangeBook:
         self.state = BookState.SYNCING
         self.reason = "subscribing"
         self._on_change = on_change
+        metrics.BOOK_STATE.labels(exchange, symbol).state(self.state.value)
 
     @property
     def live(self) -> bool:
         return self.state is BookState.LIVE
 
     def replace(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
-        """A snapshot the feed has verified: the book is live from now on.
-
-        Raises InvalidLevel (book unchanged) for bad numbers.
-        """
+        """Become these levels (a snapshot). Raises InvalidLevel (book unchanged)."""
         self.book.replace(bids, asks)
-        self._set_state(BookState.LIVE, "in sync")
-        self._on_change(self.symbol)
+        if self.state is BookState.LIVE:
+            self._on_change(self.symbol)
 
     def apply(self, bids: list[Level], asks: list[Level]) -> None:
         """An in-sequence update. Raises InvalidLevel (book unchanged)."""
         self.book.apply(bids, asks)
         if self.state is BookState.LIVE:
+            self._on_change(self.symbol)
+
+    def mark_live(self) -> None:
+        """The feed vouches for the levels: they take part in the merge."""
+        if self.state is not BookState.LIVE:
+            self._set_state(BookState.LIVE, "in sync")
             self._on_change(self.symbol)
 
     def mark_syncing(self, reason: str) -> None:
@@ -113,6 +118,14 @@ class ExchangeBook:
         )
         self.state = state
         self.reason = reason
+        metrics.BOOK_STATE.labels(self.exchange, self.symbol).state(state.value)
+
+    def discard(self) -> None:
+        """Nobody watches the symbol any more: forget its metric."""
+        try:
+            metrics.BOOK_STATE.remove(self.exchange, self.symbol)
+        except KeyError:
+            pass
 
 
 def merge_top(
@@ -304,8 +317,9 @@ class Merger(Service):
         if state.refs > 0:
             return
         del self._symbols[symbol]
-        for exchange in state.books:
+        for exchange, book in state.books.items():
             self.feeds[exchange].unwatch(symbol)
+            book.discard()
 
     def subscribe(self, symbol: str) -> Subscription:
         """A subscriber to `symbol`, already holding the current Summary."""

@@ -47,7 +47,7 @@ class FakeHttp:
     def __init__(self) -> None:
         self.requests: list[tuple[str, Deferred]] = []
 
-    def get_json(self, url: str) -> Deferred:
+    def get_json(self, url: str, weight: float = 1.0) -> Deferred:
         # Like treq, cancelling fails the request with a wrapped error, not
         # necessarily CancelledError itself.
         d = Deferred(lambda d: d.errback(RuntimeError(f"request to {url} cancelled")))
@@ -88,3 +88,9 @@ class FakeProtocol:
         import orjson
 
         return [orjson.loads(p) for p in self.sent]
+
+
+def publish(book, bids, asks) -> None:
+    """What a feed does with a verified snapshot: set the levels, vouch for them."""
+    book.replace(bids, asks)
+    book.mark_live()

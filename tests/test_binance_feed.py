@@ -32,14 +32,21 @@ class Harness:
         for symbol in symbols:
             self.books[symbol] = ExchangeBook("binance", symbol, self.changes.append)
             self.feed.watch(self.books[symbol])
+        self.clock.advance(0)  # places the symbols on a connection
+        if not self.feed.connections:
+            self.feed._add_connection()
+        self.connection = self.feed.connections[0]
         self.protocol = FakeProtocol()
-        self.feed.connection_opened(self.protocol)
+        self.connection.connection_opened(self.protocol)
         self.clock.advance(0)
+
+    def receive(self, payload: bytes) -> None:
+        self.connection.message_received(payload)
 
     def ack_all(self):
         for frame in self.protocol.frames():
             if frame.get("method") == "SUBSCRIBE":
-                self.feed.message_received(orjson.dumps({"result": None, "id": frame["id"]}))
+                self.receive(orjson.dumps({"result": None, "id": frame["id"]}))
 
     def live(self, symbol="ethbtc", last_update_id=100, bids=(("1.0", "1.0"),), asks=(("2.0", "1.0"),)):
         self.ack_all()
@@ -50,21 +57,21 @@ class Harness:
 def test_subscribes_then_fetches_snapshot_after_ack():
     h = Harness(["ethbtc", "btcusdt"])
     assert h.protocol.frames() == [{"method": "SUBSCRIBE", "params": [
-        "ethbtc@depth@100ms", "btcusdt@depth@100ms"], "id": 1}]
+        "btcusdt@depth@100ms", "ethbtc@depth@100ms"], "id": 1}]
     assert h.http.pending(f"{REST}/api/v3/depth") == []
     h.ack_all()
     assert [url for url, _ in h.http.pending(f"{REST}/api/v3/depth")] == [
-        f"{REST}/api/v3/depth?symbol=ETHBTC&limit=1000",
-        f"{REST}/api/v3/depth?symbol=BTCUSDT&limit=1000"]
+        f"{REST}/api/v3/depth?symbol=BTCUSDT&limit=1000",
+        f"{REST}/api/v3/depth?symbol=ETHBTC&limit=1000"]
     assert h.books["ethbtc"].state is BookState.SYNCING
 
 
 def test_buffered_diffs_are_bridged_by_update_id():
     h = Harness()
     h.ack_all()
-    h.feed.message_received(diff("ethbtc", 95, 99, bids=[("1.5", "9")]))   # in snapshot
-    h.feed.message_received(diff("ethbtc", 100, 102, bids=[("1.1", "3")]))  # bridges L+1=101
-    h.feed.message_received(diff("ethbtc", 103, 103, asks=[("2.0", "0")]))
+    h.receive(diff("ethbtc", 95, 99, bids=[("1.5", "9")]))   # in snapshot
+    h.receive(diff("ethbtc", 100, 102, bids=[("1.1", "3")]))  # bridges L+1=101
+    h.receive(diff("ethbtc", 103, 103, asks=[("2.0", "0")]))
     h.http.answer(f"{REST}/api/v3/depth", snapshot(100, [("1.0", "1.0")], [("2.0", "1.0"), ("2.5", "4")]))
     book = h.books["ethbtc"].book
     assert book.top_bids(10) == [(1.1, 3.0), (1.0, 1.0)]
@@ -75,9 +82,9 @@ def test_buffered_diffs_are_bridged_by_update_id():
 def test_diff_older_than_snapshot_arriving_after_it_is_dropped_by_id():
     h = Harness()
     h.live(last_update_id=100)
-    h.feed.message_received(diff("ethbtc", 97, 100, bids=[("1.0", "0")]))  # already in snapshot
+    h.receive(diff("ethbtc", 97, 100, bids=[("1.0", "0")]))  # already in snapshot
     assert h.books["ethbtc"].book.top_bids(10) == [(1.0, 1.0)]
-    h.feed.message_received(diff("ethbtc", 99, 101, bids=[("1.0", "5")]))  # straddles L+1
+    h.receive(diff("ethbtc", 99, 101, bids=[("1.0", "5")]))  # straddles L+1
     assert h.books["ethbtc"].book.top_bids(10) == [(1.0, 5.0)]
 
 
@@ -85,14 +92,14 @@ def test_gap_marks_stale_and_resyncs_that_symbol_only():
     h = Harness(["ethbtc", "btcusdt"])
     h.live("ethbtc", 100)
     h.live("btcusdt", 500)
-    h.feed.message_received(diff("ethbtc", 101, 101, bids=[("1.2", "1")]))
-    h.feed.message_received(diff("ethbtc", 105, 106, bids=[("1.3", "1")]))  # 102-104 missing
+    h.receive(diff("ethbtc", 101, 101, bids=[("1.2", "1")]))
+    h.receive(diff("ethbtc", 105, 106, bids=[("1.3", "1")]))  # 102-104 missing
     assert h.books["ethbtc"].state is BookState.STALE
     assert "gap" in h.books["ethbtc"].reason
     assert h.books["ethbtc"].book.top_bids(10) == []  # withheld, not served
     assert h.books["btcusdt"].state is BookState.LIVE
     h.clock.advance(0)
-    h.feed.message_received(diff("ethbtc", 107, 108, bids=[("1.4", "2")]))  # buffered meanwhile
+    h.receive(diff("ethbtc", 107, 108, bids=[("1.4", "2")]))  # buffered meanwhile
     h.http.answer(f"{REST}/api/v3/depth?symbol=ETHBTC", snapshot(106, [("1.3", "1")], [("2.0", "1")]))
     assert h.books["ethbtc"].state is BookState.LIVE
     assert h.books["ethbtc"].book.top_bids(10) == [(1.4, 2.0), (1.3, 1.0)]
@@ -101,12 +108,12 @@ def test_gap_marks_stale_and_resyncs_that_symbol_only():
 def test_snapshot_older_than_the_stream_is_fetched_again():
     h = Harness()
     h.ack_all()
-    h.feed.message_received(diff("ethbtc", 120, 121))
+    h.receive(diff("ethbtc", 120, 121))
     h.http.answer(f"{REST}/api/v3/depth", snapshot(100))
     assert h.books["ethbtc"].state is not BookState.LIVE
     h.clock.advance(0)
     assert len(h.http.pending(f"{REST}/api/v3/depth")) == 1
-    h.feed.message_received(diff("ethbtc", 122, 122, bids=[("1.0", "2")]))
+    h.receive(diff("ethbtc", 122, 122, bids=[("1.0", "2")]))
     h.http.answer(f"{REST}/api/v3/depth", snapshot(121, [("1.0", "1")], []))
     assert h.books["ethbtc"].state is BookState.LIVE
     assert h.books["ethbtc"].book.top_bids(10) == [(1.0, 2.0)]
@@ -117,7 +124,7 @@ def test_snapshot_older_than_the_stream_is_fetched_again():
 def test_bad_numbers_reject_the_update_and_resync(level):
     h = Harness()
     h.live(last_update_id=100)
-    h.feed.message_received(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
+    h.receive(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
         "e": "depthUpdate", "U": 101, "u": 101, "b": [["1.5", "1"], list(level)], "a": []}}))
     book = h.books["ethbtc"]
     assert book.state is BookState.STALE and "rejected update" in book.reason
@@ -130,7 +137,7 @@ def test_bad_numbers_reject_the_update_and_resync(level):
 def test_malformed_update_ids_resync(ids):
     h = Harness()
     h.live(last_update_id=100)
-    h.feed.message_received(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
+    h.receive(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
         "e": "depthUpdate", **ids, "b": [], "a": []}}))
     assert h.books["ethbtc"].state is BookState.STALE
 
@@ -152,17 +159,17 @@ def test_bad_snapshot_is_fetched_again():
 def test_malformed_json_and_unknown_messages_do_not_break_the_feed():
     h = Harness()
     h.live(last_update_id=100)
-    h.feed.message_received(b"{not json")
-    h.feed.message_received(b"[1, 2]")
-    h.feed.message_received(orjson.dumps({"stream": "ethbtc@trade", "data": {"e": "trade"}}))
-    h.feed.message_received(diff("ethbtc", 101, 101, bids=[("1.5", "1")]))
+    h.receive(b"{not json")
+    h.receive(b"[1, 2]")
+    h.receive(orjson.dumps({"stream": "ethbtc@trade", "data": {"e": "trade"}}))
+    h.receive(diff("ethbtc", 101, 101, bids=[("1.5", "1")]))
     assert h.books["ethbtc"].state is BookState.LIVE
     assert h.books["ethbtc"].book.top_bids(1) == [(1.5, 1.0)]
 
 
 def test_error_reply_marks_the_requested_symbols_stale():
     h = Harness()
-    h.feed.message_received(orjson.dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": 1}))
+    h.receive(orjson.dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": 1}))
     assert h.books["ethbtc"].state is BookState.STALE
 
 
@@ -175,8 +182,9 @@ def test_unwatch_sends_unsubscribe_and_cancels_the_snapshot():
     h.clock.advance(0)
     h.clock.advance(1)
     assert h.protocol.frames()[-1] == {"method": "UNSUBSCRIBE", "params": ["ethbtc@depth@100ms"], "id": 2}
-    h.feed.message_received(diff("ethbtc", 1, 2))  # late data for it is ignored
-    assert h.clock.getDelayedCalls() == []  # no retry scheduled for a forgotten symbol
+    h.receive(diff("ethbtc", 1, 2))  # late data for it is ignored
+    # No retry scheduled for a forgotten symbol.
+    assert not any("DepthSync" in repr(call.func) for call in h.clock.getDelayedCalls())
     assert h.books["ethbtc"].state is BookState.SYNCING
 
 
@@ -195,7 +203,7 @@ def test_symbols_watched_in_one_turn_share_one_subscribe_frame():
 def test_outbound_frames_are_paced_under_binance_budget():
     h = Harness([])
     for i in range(20):
-        h.feed.send({"id": i})
+        h.connection.send({"id": i})
     sent_at = []
     for _ in range(200):
         sent_at.extend([h.clock.seconds()] * (len(h.protocol.sent) - len(sent_at)))
@@ -208,11 +216,11 @@ def test_outbound_frames_are_paced_under_binance_budget():
 def test_disconnect_marks_everything_stale_and_reconnect_resubscribes():
     h = Harness()
     h.live(last_update_id=100)
-    h.feed.connection_closed(h.protocol, "code=1006")
+    h.connection.connection_closed(h.protocol, "code=1006")
     assert h.books["ethbtc"].state is BookState.STALE
     assert h.feed.syncs == {}
     protocol = FakeProtocol()
-    h.feed.connection_opened(protocol)
+    h.connection.connection_opened(protocol)
     assert protocol.frames()[0]["params"] == ["ethbtc@depth@100ms"]
     assert h.books["ethbtc"].state is BookState.SYNCING
     h.protocol = protocol
@@ -234,7 +242,7 @@ def test_recorded_traffic_reproduces_binance_book_ticker():
             continue
         if line.kind != "recv":
             continue
-        h.feed.message_received(line.payload.encode())
+        h.receive(line.payload.encode())
         message = orjson.loads(line.payload)
         symbol = message["stream"].partition("@")[0]
         if message["stream"].endswith("@bookTicker"):

@@ -27,20 +27,27 @@ class Harness:
         for symbol in symbols:
             self.books[symbol] = ExchangeBook("bitstamp", symbol, lambda s: None)
             self.feed.watch(self.books[symbol])
+        self.clock.advance(0)  # places the symbols on a connection
+        if not self.feed.connections:
+            self.feed._add_connection()
+        self.connection = self.feed.connections[0]
         self.protocol = FakeProtocol()
-        self.feed.connection_opened(self.protocol)
+        self.connection.connection_opened(self.protocol)
         self.clock.advance(0)
+
+    def receive(self, payload: bytes) -> None:
+        self.connection.message_received(payload)
 
 
 def test_subscribes_order_book_channel_and_seeds_from_rest_with_cache_buster():
     h = Harness(["ethbtc", "btcusd"])
     h.clock.advance(0.1)  # frames are paced
     assert h.protocol.frames() == [
-        {"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}},
-        {"event": "bts:subscribe", "data": {"channel": "order_book_btcusd"}}]
+        {"event": "bts:subscribe", "data": {"channel": "order_book_btcusd"}},
+        {"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}}]
     assert [url for url, _ in h.http.pending()] == [
-        f"{REST}/api/v2/order_book/ethbtc/?_=1700000000000",
-        f"{REST}/api/v2/order_book/btcusd/?_=1700000000000"]
+        f"{REST}/api/v2/order_book/btcusd/?_=1700000000000",
+        f"{REST}/api/v2/order_book/ethbtc/?_=1700000000000"]
     h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
         "timestamp": "1", "microtimestamp": "1000", "bids": [["0.05", "1.5"]], "asks": [["0.06", "2"]]})
     assert h.books["ethbtc"].state is BookState.LIVE
@@ -49,15 +56,15 @@ def test_subscribes_order_book_channel_and_seeds_from_rest_with_cache_buster():
 
 def test_each_newer_message_replaces_the_book_and_older_ones_are_ignored():
     h = Harness()
-    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], [("0.06", "1")]))
+    h.receive(book_message("ethbtc", 2000, [("0.05", "1")], [("0.06", "1")]))
     assert h.books["ethbtc"].state is BookState.LIVE
-    h.feed.message_received(book_message("ethbtc", 3000, [("0.049", "2")], [("0.061", "1")]))
+    h.receive(book_message("ethbtc", 3000, [("0.049", "2")], [("0.061", "1")]))
     assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
     # The REST seed answered late and is older than the stream: ignored.
     h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
         "timestamp": "0", "microtimestamp": "2500", "bids": [["0.01", "1"]], "asks": []})
     assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
-    h.feed.message_received(book_message("ethbtc", 3000, [("0.01", "1")], []))
+    h.receive(book_message("ethbtc", 3000, [("0.01", "1")], []))
     assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
 
 
@@ -65,12 +72,12 @@ def test_each_newer_message_replaces_the_book_and_older_ones_are_ignored():
                                   [("x", "1")], [("0.05",)], "garbage"])
 def test_bad_message_withholds_the_book_until_the_next_good_one(bids):
     h = Harness()
-    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], [("0.06", "1")]))
-    h.feed.message_received(orjson.dumps({"data": {"microtimestamp": "3000", "bids": bids, "asks": []},
+    h.receive(book_message("ethbtc", 2000, [("0.05", "1")], [("0.06", "1")]))
+    h.receive(orjson.dumps({"data": {"microtimestamp": "3000", "bids": bids, "asks": []},
                                           "channel": "order_book_ethbtc", "event": "data"}))
     assert h.books["ethbtc"].state is BookState.STALE
     assert h.books["ethbtc"].book.top_bids(10) == []
-    h.feed.message_received(book_message("ethbtc", 4000, [("0.05", "3")], [("0.06", "1")]))
+    h.receive(book_message("ethbtc", 4000, [("0.05", "3")], [("0.06", "1")]))
     assert h.books["ethbtc"].state is BookState.LIVE
     assert h.books["ethbtc"].book.top_bids(10) == [(0.05, 3.0)]
 
@@ -79,14 +86,17 @@ def test_bad_message_withholds_the_book_until_the_next_good_one(bids):
                                   {"microtimestamp": "5000", "asks": []}])
 def test_malformed_data_is_rejected(data):
     h = Harness()
-    h.feed.message_received(orjson.dumps({"data": data, "channel": "order_book_ethbtc", "event": "data"}))
+    h.receive(orjson.dumps({"data": data, "channel": "order_book_ethbtc", "event": "data"}))
     assert h.books["ethbtc"].state is BookState.STALE
 
 
-def test_request_reconnect_drops_the_connection():
+def test_request_reconnect_replaces_the_connection_make_before_break():
     h = Harness()
-    h.feed.message_received(b'{"event":"bts:request_reconnect","channel":"","data":""}')
-    assert h.protocol.dropped
+    rotations = []
+    h.feed.rotate = lambda connection, reason: rotations.append((connection, reason))
+    h.receive(b'{"event":"bts:request_reconnect","channel":"","data":""}')
+    assert rotations == [(h.connection, "bitstamp asked us to reconnect")]
+    assert not h.protocol.dropped  # the old connection serves until the new one took over
 
 
 def test_errors_and_unknown_frames_do_not_break_the_feed():
@@ -95,8 +105,8 @@ def test_errors_and_unknown_frames_do_not_break_the_feed():
                   b"not json", b"[]", b'{"event":"trade","channel":"live_trades_ethbtc","data":{}}',
                   b'{"event":"bts:subscription_succeeded","channel":"order_book_ethbtc","data":{}}',
                   b'{"event":"data","channel":"order_book_nosuch","data":{}}']:
-        h.feed.message_received(frame)
-    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], []))
+        h.receive(frame)
+    h.receive(book_message("ethbtc", 2000, [("0.05", "1")], []))
     assert h.books["ethbtc"].state is BookState.LIVE
 
 
@@ -108,18 +118,18 @@ def test_unwatch_unsubscribes_and_ignores_late_messages():
     h.clock.advance(0)
     h.clock.advance(0.1)  # frames are paced
     assert h.protocol.frames()[-1] == {"event": "bts:unsubscribe", "data": {"channel": "order_book_ethbtc"}}
-    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], []))
+    h.receive(book_message("ethbtc", 2000, [("0.05", "1")], []))
 
 
 def test_disconnect_marks_stale_and_reconnect_resubscribes():
     h = Harness()
-    h.feed.message_received(book_message("ethbtc", 2000, [("0.05", "1")], []))
-    h.feed.connection_closed(h.protocol, "code=1006")
+    h.receive(book_message("ethbtc", 2000, [("0.05", "1")], []))
+    h.connection.connection_closed(h.protocol, "code=1006")
     assert h.books["ethbtc"].state is BookState.STALE
     protocol = FakeProtocol()
-    h.feed.connection_opened(protocol)
+    h.connection.connection_opened(protocol)
     assert protocol.frames() == [{"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}}]
-    h.feed.message_received(book_message("ethbtc", 1000, [("0.05", "1")], []))  # new connection: any time
+    h.receive(book_message("ethbtc", 1000, [("0.05", "1")], []))  # new connection: any time
     assert h.books["ethbtc"].state is BookState.LIVE
 
 

@@ -8,7 +8,7 @@ from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc
 from aggregator.grpc_service import AggregatorServicer, CannotListen, GrpcServer
 from aggregator.merger import Merger
 from tests.aio import aio, within
-from tests.fakes import FakeFeed
+from tests.fakes import FakeFeed, publish
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ async def test_stream_starts_with_current_summary_then_updates(server, merger):
         call = stub.BookSummary(orderbook_pb2.Request(symbol="ETH/BTC"))
         first = await within(call.read(), 5)
         assert not first.bids and math.isnan(first.spread)
-        merger.feeds["binance"].books["ethbtc"].replace([(0.05, 1.0)], [(0.051, 2.0)])
+        publish(merger.feeds["binance"].books["ethbtc"], [(0.05, 1.0)], [(0.051, 2.0)])
         second = await within(call.read(), 5)
         assert [(l.exchange, l.price, l.amount) for l in second.bids] == [("binance", 0.05, 1.0)]
         assert second.spread == pytest.approx(0.001)

@@ -6,7 +6,7 @@ import pytest
 from aggregator._proto.orderbook_pb2 import Summary
 from aggregator.book import BookState
 from aggregator.merger import Merger, SymbolListsUnavailable, UnknownSymbol
-from tests.fakes import FakeFeed
+from tests.fakes import FakeFeed, publish
 
 
 def summary_of(data: bytes) -> Summary:
@@ -40,8 +40,8 @@ def next_summary(subscription) -> Summary:
 def test_merge_orders_best_first_with_tie_break_and_depth(merger, feeds):
     binance, bitstamp = feeds
     subscription = merger.subscribe("ethbtc")
-    binance.books["ethbtc"].replace([(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0), (12.0, 3.0)])
-    bitstamp.books["ethbtc"].replace([(10.0, 2.0), (9.5, 1.0)], [(11.0, 0.5), (11.5, 1.0)])
+    publish(binance.books["ethbtc"], [(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0), (12.0, 3.0)])
+    publish(bitstamp.books["ethbtc"], [(10.0, 2.0), (9.5, 1.0)], [(11.0, 0.5), (11.5, 1.0)])
     summary = next_summary(subscription)
     assert levels(summary, "bids") == [
         ("bitstamp", 10.0, 2.0), ("binance", 10.0, 1.0), ("bitstamp", 9.5, 1.0)]
@@ -53,8 +53,8 @@ def test_merge_orders_best_first_with_tie_break_and_depth(merger, feeds):
 def test_equal_price_and_amount_is_ordered_by_exchange_name(merger, feeds):
     binance, bitstamp = feeds
     subscription = merger.subscribe("ethbtc")
-    bitstamp.books["ethbtc"].replace([(10.0, 1.0)], [])
-    binance.books["ethbtc"].replace([(10.0, 1.0)], [])
+    publish(bitstamp.books["ethbtc"], [(10.0, 1.0)], [])
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [])
     assert levels(next_summary(subscription), "bids") == [
         ("binance", 10.0, 1.0), ("bitstamp", 10.0, 1.0)]
 
@@ -62,8 +62,8 @@ def test_equal_price_and_amount_is_ordered_by_exchange_name(merger, feeds):
 def test_crossed_merged_book_has_negative_spread(merger, feeds):
     binance, bitstamp = feeds
     subscription = merger.subscribe("ethbtc")
-    binance.books["ethbtc"].replace([(10.0, 1.0)], [(10.5, 1.0)])
-    bitstamp.books["ethbtc"].replace([(10.2, 1.0)], [(10.1, 1.0)])
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(10.5, 1.0)])
+    publish(bitstamp.books["ethbtc"], [(10.2, 1.0)], [(10.1, 1.0)])
     summary = next_summary(subscription)
     assert summary.spread == pytest.approx(10.1 - 10.2)
     assert summary.spread < 0
@@ -72,7 +72,7 @@ def test_crossed_merged_book_has_negative_spread(merger, feeds):
 def test_locked_book_has_zero_spread(merger, feeds):
     binance, _ = feeds
     subscription = merger.subscribe("ethbtc")
-    binance.books["ethbtc"].replace([(10.0, 1.0)], [(10.0, 2.0)])
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(10.0, 2.0)])
     assert next_summary(subscription).spread == 0.0
 
 
@@ -81,7 +81,7 @@ def test_empty_side_gives_nan_spread(merger, feeds, bids, asks):
     binance, _ = feeds
     subscription = merger.subscribe("ethbtc")
     next_summary(subscription)  # the initial, empty one
-    binance.books["ethbtc"].replace(bids, asks)
+    publish(binance.books["ethbtc"], bids, asks)
     if bids or asks:
         summary = next_summary(subscription)
     else:
@@ -93,7 +93,7 @@ def test_empty_side_gives_nan_spread(merger, feeds, bids, asks):
 def test_new_subscriber_gets_the_current_summary_at_once(merger, feeds):
     binance, _ = feeds
     first = merger.subscribe("ethbtc")
-    binance.books["ethbtc"].replace([(10.0, 1.0)], [(11.0, 1.0)])
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(11.0, 1.0)])
     second = merger.subscribe("ethbtc")
     assert levels(next_summary(second), "bids") == [("binance", 10.0, 1.0)]
     assert levels(next_summary(first), "bids") == [("binance", 10.0, 1.0)]
@@ -107,8 +107,8 @@ def test_initial_summary_before_any_data_is_empty_with_nan_spread(merger):
 def test_only_live_books_are_merged(merger, feeds):
     binance, bitstamp = feeds
     subscription = merger.subscribe("ethbtc")
-    binance.books["ethbtc"].replace([(10.0, 1.0)], [(11.0, 1.0)])
-    bitstamp.books["ethbtc"].replace([(10.5, 1.0)], [(10.9, 1.0)])
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(11.0, 1.0)])
+    publish(bitstamp.books["ethbtc"], [(10.5, 1.0)], [(10.9, 1.0)])
     next_summary(subscription)
     bitstamp.books["ethbtc"].mark_stale("gap")
     assert bitstamp.books["ethbtc"].state is BookState.STALE
@@ -120,7 +120,7 @@ def test_only_live_books_are_merged(merger, feeds):
 def test_changes_below_the_top_n_publish_nothing(merger, feeds):
     binance, _ = feeds
     subscription = merger.subscribe("ethbtc")
-    binance.books["ethbtc"].replace([(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0)])
+    publish(binance.books["ethbtc"], [(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0)])
     next_summary(subscription)
     published = merger.current_summary("ethbtc")
     binance.books["ethbtc"].apply([(7.0, 5.0)], [])
@@ -135,7 +135,7 @@ def test_slow_subscriber_keeps_only_the_latest_summary(merger, feeds):
     slow = merger.subscribe("ethbtc")
     fast = merger.subscribe("ethbtc")
     next_summary(fast)  # the initial, empty one
-    binance.books["ethbtc"].replace([], [])
+    publish(binance.books["ethbtc"], [], [])
     received = []
     for i in range(1000):
         fast.next().addCallback(received.append)
@@ -151,7 +151,7 @@ def test_slow_subscriber_keeps_only_the_latest_summary(merger, feeds):
 def test_summary_is_serialized_once_per_change_for_all_subscribers(merger, feeds):
     binance, _ = feeds
     subscriptions = [merger.subscribe("ethbtc") for _ in range(3)]
-    binance.books["ethbtc"].replace([(10.0, 1.0)], [])
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [])
     pending = [s._pending for s in subscriptions]
     assert all(p is pending[0] for p in pending)
 

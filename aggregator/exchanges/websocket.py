@@ -21,6 +21,8 @@ class ConnectionHandler(TypingProtocol):
 
     def message_received(self, payload: bytes) -> None: ...
 
+    def activity(self) -> None: ...
+
     def connection_closed(self, protocol: FeedProtocol, reason: str) -> None: ...
 
 
@@ -45,6 +47,13 @@ class FeedProtocol(WebSocketClientProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.handler.message_received(payload)
+
+    def onPing(self, payload: bytes) -> None:
+        self.factory.handler.activity()
+        super().onPing(payload)  # answers with a pong carrying the same payload
+
+    def onPong(self, payload: bytes) -> None:
+        self.factory.handler.activity()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         description = f"code={code} reason={reason or ''}".strip()
