@@ -113,7 +113,7 @@ class Connection:
     def connection_closed(self, protocol: FeedProtocol, reason: str) -> None:
         if protocol is not self.protocol:
             return
-        lived = self.feed.reactor.seconds() - (self.opened_at or 0.0)
+        lived = self.feed.reactor.seconds() - (self.opened_at if self.opened_at is not None else 0.0)
         self.flaps = self.flaps + 1 if lived < self.feed.healthy_period else 0
         self.protocol = None
         self._cancel_timers()

@@ -308,7 +308,8 @@ class ExchangeFeed(Service):
         if old is None or old.successor is not successor:
             return
         now = self.reactor.seconds()
-        if successor.sending or now - (successor.opened_at or now) < self.handover_overlap:
+        opened_at = successor.opened_at if successor.opened_at is not None else now
+        if successor.sending or now - opened_at < self.handover_overlap:
             self._handover_checks[successor] = self.reactor.callLater(
                 self.handover_overlap / 4, self._check_handover, successor
             )

@@ -1,0 +1,191 @@
+"""Connection life without sockets: liveness, backoff, rotation, make-before-break
+handover, several connections. Time is a Clock; connections are opened by hand."""
+
+import orjson
+import pytest
+from twisted.internet.task import Clock
+
+from aggregator.book import BookState
+from aggregator.exchanges.binance import BinanceFeed
+from aggregator.exchanges.bitstamp import BitstampFeed
+from aggregator.exchanges.connection import Connection
+from aggregator.merger import ExchangeBook
+from tests.fakes import FakeHttp, FakeProtocol
+
+REST = "http://rest.test"
+
+
+@pytest.fixture(autouse=True)
+def no_sockets(monkeypatch):
+    started = []
+    monkeypatch.setattr(Connection, "start", lambda self: started.append(self))
+    return started
+
+
+def make_feed(cls, symbols=("ethbtc",)):
+    clock = Clock()
+    http = FakeHttp()
+    feed = cls("ws://ws.test", REST, reactor=clock, http=http, retry_policy=lambda n: float(n))
+    feed.startService()  # Connection.start is a no-op here: sockets are opened by hand
+    books = {}
+    for symbol in symbols:
+        books[symbol] = ExchangeBook(feed.name, symbol, lambda s: None)
+        feed.watch(books[symbol])
+    clock.advance(0)
+    return feed, clock, http, books
+
+
+def open_connection(connection):
+    protocol = FakeProtocol()
+    connection.connection_opened(protocol)
+    return protocol
+
+
+def pass_time(clock, connection, seconds, step=5.0):
+    """Let time pass on a healthy connection (the exchange pings now and then)."""
+    for _ in range(int(seconds / step)):
+        clock.advance(step)
+        connection.activity()
+
+
+def diff(symbol, first, last, bids=()):
+    return orjson.dumps({"stream": f"{symbol}@depth@100ms", "data": {
+        "e": "depthUpdate", "U": first, "u": last, "b": [list(b) for b in bids], "a": []}})
+
+
+def live_binance(feed, clock, http, connection, protocol, last_update_id=100):
+    for frame in protocol.frames():
+        connection.message_received(orjson.dumps({"result": None, "id": frame["id"]}))
+    http.answer(f"{REST}/api/v3/depth", {"lastUpdateId": last_update_id, "bids": [["1", "1"]], "asks": [["2", "1"]]})
+
+
+def test_silent_connection_is_dropped_after_the_inactivity_timeout():
+    feed, clock, _, _ = make_feed(BinanceFeed)
+    protocol = open_connection(feed.connections[0])
+    clock.advance(feed.inactivity_timeout - 1)
+    assert not protocol.dropped
+    clock.advance(feed.inactivity_timeout / 2)
+    assert protocol.dropped
+
+
+def test_pings_keep_a_quiet_connection_alive():
+    feed, clock, _, _ = make_feed(BinanceFeed)
+    connection = feed.connections[0]
+    protocol = open_connection(connection)
+    for _ in range(20):
+        clock.advance(20)
+        connection.activity()  # the server's ping every 20 s
+    assert not protocol.dropped
+
+
+def test_bitstamp_sends_a_heartbeat_when_idle():
+    feed, clock, _, _ = make_feed(BitstampFeed)
+    protocol = open_connection(feed.connections[0])
+    clock.advance(feed.inactivity_timeout * 0.75 + 0.1)
+    assert {"event": "bts:heartbeat"} in protocol.frames()
+    assert not protocol.dropped
+
+
+def test_flapping_connections_keep_the_backoff_growing():
+    feed, clock, _, _ = make_feed(BinanceFeed)
+    connection = feed.connections[0]
+    for flaps in range(1, 4):
+        protocol = open_connection(connection)
+        clock.advance(1)
+        connection.connection_closed(protocol, "code=1006")
+        assert connection._retry_delay(0) == float(flaps)
+    protocol = open_connection(connection)
+    clock.advance(feed.healthy_period + 1)
+    connection.connection_closed(protocol, "code=1006")
+    assert connection._retry_delay(0) == 0.0  # a healthy period resets it
+
+
+def test_binance_connection_is_rotated_before_the_24h_limit(no_sockets):
+    feed, clock, _, _ = make_feed(BinanceFeed)
+    open_connection(feed.connections[0])
+    no_sockets.clear()
+    clock.advance(23.5 * 3600)
+    assert len(no_sockets) == 1 and no_sockets[0].replaces is feed.connections[0]
+
+
+def test_make_before_break_handover_keeps_the_book_live_without_a_resync(no_sockets):
+    feed, clock, http, books = make_feed(BinanceFeed)
+    old = feed.connections[0]
+    old_protocol = open_connection(old)
+    live_binance(feed, clock, http, old, old_protocol)
+    book = books["ethbtc"]
+    assert book.state is BookState.LIVE
+    old.message_received(diff("ethbtc", 101, 101, [("1.1", "1")]))
+
+    feed.rotate(old, "test")
+    (successor,) = [c for c in no_sockets if c.replaces is old]
+    new_protocol = open_connection(successor)
+    assert new_protocol.frames() == [{"method": "SUBSCRIBE", "params": ["ethbtc@depth@100ms"], "id": 1}]
+    successor.message_received(orjson.dumps({"result": None, "id": 1}))
+    assert http.pending(f"{REST}/api/v3/depth") == []  # no snapshot needed
+
+    successor.message_received(diff("ethbtc", 102, 103, [("1.2", "1")]))  # contiguous: applied
+    successor.message_received(diff("ethbtc", 105, 105, [("1.4", "1")]))  # ahead of old: held
+    old.message_received(diff("ethbtc", 102, 103, [("1.2", "1")]))        # duplicate
+    old.message_received(diff("ethbtc", 104, 104, [("1.3", "1")]))
+    assert book.state is BookState.LIVE
+    assert book.book.top_bids(1) == [(1.3, 1.0)]
+
+    for _ in range(10):
+        clock.advance(feed.handover_overlap / 4)
+    assert feed.connections == [successor]
+    assert feed.syncs["ethbtc"].connection is successor
+    assert book.book.top_bids(1) == [(1.4, 1.0)]
+    old.message_received(diff("ethbtc", 106, 106, [("9", "1")]))  # the old one is ignored now
+    successor.message_received(diff("ethbtc", 106, 106, [("1.5", "1")]))
+    assert book.book.top_bids(1) == [(1.5, 1.0)]
+    assert book.state is BookState.LIVE
+    old.connection_closed(old_protocol, "closed by us")
+    assert book.state is BookState.LIVE
+
+
+def test_old_connection_dying_mid_handover_promotes_the_successor(no_sockets):
+    feed, clock, http, books = make_feed(BinanceFeed)
+    old = feed.connections[0]
+    old_protocol = open_connection(old)
+    live_binance(feed, clock, http, old, old_protocol)
+    feed.rotate(old, "test")
+    (successor,) = [c for c in no_sockets if c.replaces is old]
+    new_protocol = open_connection(successor)
+    old.connection_closed(old_protocol, "code=1006")
+    assert feed.connections == [successor]
+    assert books["ethbtc"].state is BookState.SYNCING  # resynced from scratch on the successor
+    clock.advance(1)  # frames are paced
+    assert [f["method"] for f in new_protocol.frames()] == ["SUBSCRIBE", "SUBSCRIBE"]
+
+
+def test_symbols_beyond_one_connection_open_more_connections(no_sockets):
+    feed, clock, http, books = make_feed(BinanceFeed, symbols=())
+    feed.max_symbols_per_connection = 2
+    no_sockets.clear()
+    for i in range(5):
+        feed.watch(ExchangeBook("binance", f"s{i}", lambda s: None))
+    clock.advance(0)
+    assert [len(c.symbols) for c in feed.connections] == [2, 2, 1]
+    assert len(no_sockets) == 2  # the two new ones were started
+    feed.unwatch("s4")
+    clock.advance(0)
+    assert len(feed.connections) == 2  # emptied extra connection closed
+
+
+def test_bitstamp_book_verified_against_newer_rest_snapshot():
+    feed, clock, http, books = make_feed(BitstampFeed)
+    protocol = open_connection(feed.connections[0])
+    http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "microtimestamp": "1000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    assert books["ethbtc"].state is BookState.LIVE
+    pass_time(clock, feed.connections[0], feed.verify_interval + 10)
+    http.answer(f"{REST}/api/v2/order_book/ethbtc/", {   # same levels, newer: fine
+        "microtimestamp": "2000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    assert feed.verify_mismatches == 0
+    pass_time(clock, feed.connections[0], feed.verify_interval + 10)
+    http.answer(f"{REST}/api/v2/order_book/ethbtc/", {   # the channel missed a change
+        "microtimestamp": "3000", "bids": [["0.051", "2"]], "asks": [["0.06", "1"]]})
+    assert feed.verify_mismatches == 1
+    assert books["ethbtc"].book.top_bids(1) == [(0.051, 2.0)]
+    assert not protocol.dropped
