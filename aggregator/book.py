@@ -15,7 +15,10 @@ from sortedcontainers import SortedDict
 Level = tuple[float, float]
 """(price, amount)."""
 
-_INF = float("inf")
+# Larger than any real price or size (BTC ~1e5 USD; meme-coin books ~1e12
+# units): a bigger number is corruption, not a market. Also keeps every value
+# far from overflow when spreads and sums are computed.
+MAX_VALUE = 1e15
 
 
 class BookState(enum.Enum):
@@ -29,11 +32,12 @@ class InvalidLevel(ValueError):
 
 
 def check_level(price: float, amount: float) -> None:
-    """Raise InvalidLevel unless 0 < price < inf and 0 <= amount < inf.
+    """Raise InvalidLevel unless 0 < price < MAX_VALUE and 0 <= amount < MAX_VALUE.
 
-    The chained comparisons are False for NaN, so one test covers every case.
+    The chained comparisons are False for NaN, so one test covers NaN, ±inf,
+    negative and implausibly huge numbers alike.
     """
-    if not (0.0 < price < _INF and 0.0 <= amount < _INF):
+    if not (0.0 < price < MAX_VALUE and 0.0 <= amount < MAX_VALUE):
         raise InvalidLevel(f"invalid level price={price!r} amount={amount!r}")
 
 

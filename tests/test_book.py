@@ -40,7 +40,7 @@ def test_snapshot_zero_amounts_are_skipped():
 @pytest.mark.parametrize(
     "level",
     [(math.nan, 1.0), (1.0, math.nan), (math.inf, 1.0), (1.0, math.inf),
-     (-1.0, 1.0), (0.0, 1.0), (1.0, -0.5), (-math.inf, 1.0)],
+     (-1.0, 1.0), (0.0, 1.0), (1.0, -0.5), (-math.inf, 1.0), (1e300, 1.0), (1.0, 1e16)],
 )
 def test_bad_numbers_are_rejected_and_the_book_is_unchanged(level):
     book = book_with([(1.0, 2.0)], [(3.0, 1.0)])
