@@ -5,45 +5,17 @@ the simulator: straight from the recorded files, or from the simulator's
 true books with a reference merge.
 """
 
-import asyncio
-import math
-
 import grpc
 import orjson
 import pytest
 import pytest_twisted
-from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.plugin import getPlugins
 
 from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc
 from aggregator.simulator import SimulatorService
 from tests import recorded
 from tests.aio import aio, wait_until
-
-DEPTH = 10
-
-
-def plugin():
-    (maker,) = [p for p in getPlugins(IServiceMaker) if p.tapname == "aggregator"]
-    return maker
-
-
-def reference_top(books: dict, depth: int = DEPTH):
-    """books: exchange -> (bids {price: amount}, asks {price: amount})."""
-    bids = [(e, p, a) for e, (b, _) in books.items() for p, a in b.items()]
-    asks = [(e, p, a) for e, (_, s) in books.items() for p, a in s.items()]
-    bids.sort(key=lambda l: (-l[1], -l[2], l[0]))
-    asks.sort(key=lambda l: (l[1], -l[2], l[0]))
-    return bids[:depth], asks[:depth]
-
-
-def apply(side: dict, levels) -> None:
-    for price, amount in levels:
-        if float(amount) == 0:
-            side.pop(float(price), None)
-        else:
-            side[float(price)] = float(amount)
+from tests.e2e import DEPTH, Watcher, apply, as_tuples, expected_from_simulator, reference_top, start_daemon
 
 
 def recorded_binance_books() -> dict:
@@ -91,57 +63,6 @@ def recorded_bitstamp_books() -> dict:
     return books
 
 
-def as_tuples(summary):
-    return ([(l.exchange, l.price, l.amount) for l in summary.bids],
-            [(l.exchange, l.price, l.amount) for l in summary.asks])
-
-
-class Watcher:
-    """One gRPC stream per symbol, keeping the latest Summary of each."""
-
-    def __init__(self, port: int, symbols):
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = orderbook_pb2_grpc.AggregatorStub(self.channel)
-        self.latest = {}
-        self.counts = {symbol: 0 for symbol in symbols}
-        self.errors = []
-        self.calls = {s: self.stub.BookSummary(orderbook_pb2.Request(symbol=s)) for s in symbols}
-        self.tasks = [asyncio.ensure_future(self._read(s, c)) for s, c in self.calls.items()]
-
-    async def _read(self, symbol, call):
-        try:
-            async for summary in call:
-                self.latest[symbol] = summary
-                self.counts[symbol] += 1
-        except asyncio.CancelledError:
-            pass  # close() cancels the call
-        except grpc.aio.AioRpcError as error:
-            if error.code() is not grpc.StatusCode.CANCELLED:
-                self.errors.append((symbol, error))
-
-    async def close(self):
-        for call in self.calls.values():
-            call.cancel()
-        await asyncio.gather(*self.tasks)
-        await self.channel.close()
-
-
-async def start_daemon(sim, *extra):
-    options = plugin().options()
-    options.parseOptions([
-        "--listen", "127.0.0.1:0",
-        "--binance-ws-url", sim.urls["binance_ws_url"],
-        "--binance-rest-url", sim.urls["binance_rest_url"],
-        "--bitstamp-ws-url", sim.urls["bitstamp_ws_url"],
-        "--bitstamp-rest-url", sim.urls["bitstamp_rest_url"],
-        *extra,
-    ])
-    daemon = plugin().makeService(options)
-    daemon.startService()
-    await daemon.getServiceNamed("grpc").whenStarted()
-    return daemon
-
-
 @pytest_twisted.ensureDeferred
 async def test_recorded_replay_end_to_end_matches_books_computed_from_the_recording():
     binance, bitstamp = recorded_binance_books(), recorded_bitstamp_books()
@@ -184,11 +105,7 @@ async def test_synthetic_books_merge_across_both_exchanges():
     watcher = Watcher(daemon.getServiceNamed("grpc").port, ["ETH-BTC", "btcusdt"])
     try:
         def expected(symbol):
-            books = {}
-            for exchange in ("binance", "bitstamp"):
-                bids, asks = sim.true_book(exchange, symbol)
-                books[exchange] = (dict(bids), dict(asks))
-            return reference_top(books)
+            return expected_from_simulator(sim, symbol)
 
         def done():
             return sim.finished and all(
