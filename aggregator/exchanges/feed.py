@@ -188,6 +188,8 @@ class ExchangeFeed(Service):
 
     def _flush_demand(self) -> None:
         self._demand_flush = None
+        if not self.running:
+            return  # streams closing at shutdown unwatch their symbols
         to_stop, self._to_stop = list(self._to_stop), {}
         to_start, self._to_start = list(self._to_start), {}
         for connection, symbols in _group(to_stop, lambda s: self.connection_of.pop(s, None)).items():
