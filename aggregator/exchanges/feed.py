@@ -81,6 +81,7 @@ class ExchangeFeed(Service):
         self._to_start: dict[str, None] = {}  # ordered sets
         self._to_stop: dict[str, None] = {}
         self._demand_flush: Any = None
+        self._stopped = False
         self._handover_checks: dict[Connection, Any] = {}
         self._messages = metrics.MESSAGES.labels(self.name)
         self._reconnects = metrics.RECONNECTS.labels(self.name)
@@ -127,6 +128,7 @@ class ExchangeFeed(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
+        self._stopped = True  # streams closing at shutdown still unwatch symbols
         for timer in (self._list_retry, self._demand_flush, *self._handover_checks.values()):
             if timer is not None and timer.active():
                 timer.cancel()
@@ -183,13 +185,11 @@ class ExchangeFeed(Service):
     def _schedule_demand_flush(self) -> None:
         # Demand changes made in one reactor turn (a client asking for many
         # symbols, a burst of disconnects) leave as one batch of frames.
-        if self._demand_flush is None:
+        if self._demand_flush is None and not self._stopped:
             self._demand_flush = self.reactor.callLater(0, self._flush_demand)
 
     def _flush_demand(self) -> None:
         self._demand_flush = None
-        if not self.running:
-            return  # streams closing at shutdown unwatch their symbols
         to_stop, self._to_stop = list(self._to_stop), {}
         to_start, self._to_start = list(self._to_start), {}
         for connection, symbols in _group(to_stop, lambda s: self.connection_of.pop(s, None)).items():
