@@ -54,21 +54,48 @@ def parse_levels(raw: Iterable[Sequence[object]]) -> list[Level]:
 
 
 class OrderBook:
-    """Price → amount per side. Amount 0 deletes a level."""
+    """Price → amount per side. Amount 0 deletes a level.
 
-    __slots__ = ("_bids", "_asks")
+    A snapshot cut at a depth limit knows nothing beyond its worst level (its
+    horizon): levels further out exist but are unknown until a diff touches
+    them. thinner_than() tells when that matters.
+    """
+
+    __slots__ = ("_bids", "_asks", "_bid_horizon", "_ask_horizon")
 
     def __init__(self) -> None:
         self._bids: SortedDict = SortedDict()
         self._asks: SortedDict = SortedDict()
+        self._bid_horizon: float | None = None
+        self._ask_horizon: float | None = None
 
-    def replace(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
-        """Become exactly these levels (a snapshot). Zero amounts are skipped."""
+    def replace(
+        self, bids: Iterable[Level], asks: Iterable[Level], truncated_at: int | None = None
+    ) -> None:
+        """Become exactly these levels (a snapshot). Zero amounts are skipped.
+
+        `truncated_at`: the snapshot's per-side level limit; a side that came
+        back that full may have more levels beyond its last one.
+        """
         bids, asks = list(bids), list(asks)
         for price, amount in bids + asks:
             check_level(price, amount)
         self._bids = SortedDict((p, a) for p, a in bids if a > 0.0)
         self._asks = SortedDict((p, a) for p, a in asks if a > 0.0)
+        full = truncated_at is not None
+        self._bid_horizon = self._bids.keys()[0] if full and len(bids) >= truncated_at else None
+        self._ask_horizon = self._asks.keys()[-1] if full and len(asks) >= truncated_at else None
+
+    def thinner_than(self, depth: int) -> bool:
+        """Whether a cut side holds fewer than `depth` levels at or inside its
+        horizon: its top `depth` may then include levels the book never saw."""
+        if self._bid_horizon is not None:
+            if len(self._bids) - self._bids.bisect_left(self._bid_horizon) < depth:
+                return True
+        if self._ask_horizon is not None:
+            if self._asks.bisect_right(self._ask_horizon) < depth:
+                return True
+        return False
 
     def apply(self, bids: Sequence[Level], asks: Sequence[Level]) -> None:
         """Set absolute amounts; zero deletes (absent levels are fine to delete).
@@ -86,6 +113,7 @@ class OrderBook:
     def clear(self) -> None:
         self._bids.clear()
         self._asks.clear()
+        self._bid_horizon = self._ask_horizon = None
 
     def top_bids(self, n: int) -> list[Level]:
         """Best (highest) first."""

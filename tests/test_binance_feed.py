@@ -61,8 +61,8 @@ def test_subscribes_then_fetches_snapshot_after_ack():
     assert h.http.pending(f"{REST}/api/v3/depth") == []
     h.ack_all()
     assert [url for url, _ in h.http.pending(f"{REST}/api/v3/depth")] == [
-        f"{REST}/api/v3/depth?symbol=BTCUSDT&limit=1000",
-        f"{REST}/api/v3/depth?symbol=ETHBTC&limit=1000"]
+        f"{REST}/api/v3/depth?symbol=BTCUSDT&limit=100",
+        f"{REST}/api/v3/depth?symbol=ETHBTC&limit=100"]
     assert h.books["ethbtc"].state is BookState.SYNCING
 
 
@@ -142,6 +142,33 @@ def test_malformed_update_ids_resync(ids):
     assert h.books["ethbtc"].state is BookState.STALE
 
 
+def test_snapshot_older_than_what_the_book_showed_is_fetched_again():
+    h = Harness()
+    h.live(last_update_id=100)
+    h.receive(diff("ethbtc", 101, 110, bids=[("1.5", "1")]))
+    h.receive(orjson.dumps({"stream": "ethbtc@depth@100ms", "data": {
+        "e": "depthUpdate", "U": 111, "u": 111, "b": [["nan", "1"]], "a": []}}))
+    h.clock.advance(0)
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(105, [("1.0", "1")], []))  # stale (cached?)
+    assert h.books["ethbtc"].state is BookState.STALE
+    h.clock.advance(60)
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(111, [("1.6", "1")], []))
+    assert h.books["ethbtc"].state is BookState.LIVE
+
+
+def test_the_diff_that_revealed_a_gap_is_bridged_by_the_next_snapshot():
+    h = Harness()
+    h.live(last_update_id=100)
+    h.receive(diff("ethbtc", 105, 106, bids=[("1.7", "1")]))
+    h.clock.advance(0)
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(103, [("1.0", "1")], []))  # before 105: refetch
+    assert h.books["ethbtc"].state is BookState.STALE
+    h.clock.advance(60)
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(104, [("1.0", "1")], []))
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(1) == [(1.7, 1.0)]
+
+
 def test_bad_snapshot_is_fetched_again():
     h = Harness()
     h.ack_all()
@@ -153,6 +180,27 @@ def test_bad_snapshot_is_fetched_again():
     h.http.fail(f"{REST}/api/v3/depth", RuntimeError("HTTP 500"))
     h.clock.advance(60)
     h.http.answer(f"{REST}/api/v3/depth", snapshot(5, [("1", "1")]))
+    assert h.books["ethbtc"].state is BookState.LIVE
+
+
+def test_a_cut_snapshot_thinning_out_below_the_served_depth_resyncs():
+    h = Harness()
+    h.ack_all()
+    bids = [(f"{100 - i}", "1") for i in range(100)]  # exactly the limit: cut
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(10, bids, [("101", "1")]))
+    book = h.books["ethbtc"]
+    assert book.state is BookState.LIVE
+    deleted = [(f"{100 - i}", "0") for i in range(90)]  # 10 known bids left: still exact
+    h.receive(diff("ethbtc", 11, 11, bids=deleted))
+    assert book.state is BookState.LIVE
+    h.receive(diff("ethbtc", 12, 12, bids=[("10", "0")]))  # 9 known: level 10 may be unknown
+    assert book.state is BookState.STALE and "thinned out" in book.reason
+
+
+def test_a_thin_but_complete_book_is_fine():
+    h = Harness()
+    h.live(bids=[("1", "1")], asks=[("2", "1")])
+    h.receive(diff("ethbtc", 101, 101, bids=[("1", "0")]))
     assert h.books["ethbtc"].state is BookState.LIVE
 
 

@@ -18,8 +18,12 @@ from aggregator.merger import ExchangeBook
 
 # Keep SUBSCRIBE frames small: frames over ~4 KB have been reported to get no reply.
 STREAMS_PER_REQUEST = 100
-SNAPSHOT_LIMIT = 1000
-SNAPSHOT_WEIGHT = 50  # request weight of /api/v3/depth at limit 1000
+# 100 levels a side is ten times the depth served and costs weight 5 (1000
+# would cost 50): ten times more resyncs per minute within the IP's budget.
+# Should the book ever thin out below the served depth inside the snapshot's
+# horizon, the sync notices (OrderBook.thinner_than) and fetches a new one.
+SNAPSHOT_LIMIT = 100
+SNAPSHOT_WEIGHT = 5
 EXCHANGE_INFO_WEIGHT = 20
 # Of the IP's published request-weight budget, what we allow ourselves: the
 # rest is headroom for anything else on the same address.
@@ -59,6 +63,9 @@ class DepthSync:
         self.connection = connection
         self.state = "waiting-ack"
         self.last_update_id: int | None = None
+        # The highest update id seen on the stream: a snapshot older than
+        # this would roll the book back.
+        self.newest_id = 0
         self.buffer: list[dict[str, Any]] = []
         # Diffs from a successor connection that ran ahead of this one.
         self.successor_buffer: list[dict[str, Any]] = []
@@ -79,6 +86,8 @@ class DepthSync:
                              symbol=self.symbol, first=first, last=last)
             self.resync("malformed update ids", "bad_data")
             return
+        if last > self.newest_id:
+            self.newest_id = last
         if self.state != "live":
             _append_bounded(self.buffer, event)
         elif from_successor and first > self.last_update_id + 1:
@@ -91,20 +100,27 @@ class DepthSync:
             last_update_id = int(document["lastUpdateId"])
             bids = parse_levels(document["bids"])
             asks = parse_levels(document["asks"])
-            self.book.replace(bids, asks)
+            self.book.replace(bids, asks, truncated_at=SNAPSHOT_LIMIT)
         except (KeyError, TypeError, ValueError) as error:  # InvalidLevel is a ValueError
             self.feed.reject("bad_snapshot", "binance {symbol}: bad snapshot ({error})",
                              symbol=self.symbol, error=error)
             self.resync(f"bad snapshot: {error}", "bad_data")
             return
-        buffered = sorted((e for e in self.buffer if e["u"] > last_update_id), key=by_last_id)
-        self.buffer = []
-        if buffered and buffered[0]["U"] > last_update_id + 1:
+        # Kept for the next snapshot if this one is too old: they are newer.
+        buffered = self.buffer = sorted(
+            (e for e in self.buffer if e["u"] > last_update_id), key=by_last_id
+        )
+        if buffered:
+            stale = buffered[0]["U"] > last_update_id + 1  # a gap between snapshot and stream
+        else:
+            stale = self.newest_id > last_update_id  # older than what the book already showed
+        if stale:
             self.resync(
-                f"snapshot {last_update_id} older than the stream ({buffered[0]['U']})",
+                f"snapshot {last_update_id} older than the stream ({self.newest_id})",
                 "stale_snapshot",
             )
             return
+        self.buffer = []
         self.state = "live"
         self.attempts = 0
         self.last_update_id = last_update_id
@@ -121,6 +137,7 @@ class DepthSync:
             return True  # already contained in the book
         if first > previous + 1:
             self.resync(f"gap: expected update {previous + 1}, got {first}-{last}", "gap")
+            self.buffer.append(event)  # valid and newer: the next snapshot must bridge to it
             return False
         try:
             self.book.apply(parse_levels(event.get("b")), parse_levels(event.get("a")))
@@ -130,7 +147,11 @@ class DepthSync:
             self.resync(f"rejected update {first}-{last}: {error}", "bad_data")
             return False
         self.last_update_id = last
-        if self.book.book.is_crossed():
+        book = self.book.book
+        if book.thinner_than(self.book.depth):
+            self.resync("book thinned out beyond the snapshot's depth", "depth_exhausted")
+            return False
+        if book.is_crossed():
             # Binance's own book never crosses (it matches): ours is out of sync.
             metrics.CROSSED.labels("binance").inc()
             self.resync("book crossed: our copy is out of sync", "crossed")

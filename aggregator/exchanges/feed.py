@@ -262,6 +262,7 @@ class ExchangeFeed(Service):
 
     def frame_received(self, connection: Connection, payload: bytes) -> None:
         self._messages.inc()
+        metrics.FRAME_CLOCK.mark(connection.last_activity)  # its arrival, for the latency histogram
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError as error:
