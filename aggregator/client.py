@@ -2,7 +2,8 @@
 
 A plain synchronous gRPC client (no Twisted, no asyncio): it is a console tool
 that does one blocking thing, so a blocking iterator over the stream is the
-simplest correct design.
+simplest correct design. Once it has streamed, it survives daemon restarts:
+a stream that ends or breaks is reopened, with backoff.
 
 The formatters (:func:`format_table`, :func:`format_json`) are pure functions of
 a ``Summary`` so they can be tested without a server; :func:`main` does the I/O.
@@ -16,10 +17,12 @@ import datetime
 import json
 import math
 import os
+import random
 import sys
+import time
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import TextIO
+from typing import Callable, TextIO
 
 import grpc
 
@@ -48,6 +51,23 @@ _SYMBOL_ERRORS = frozenset(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
     }
 )
+
+# After the stream worked once, these mean "the daemon is restarting or busy":
+# open it again rather than exit.
+_RESUMABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RECONNECT_INITIAL = 0.5
+RECONNECT_MAX = 8.0
+
+_CHANNEL_OPTIONS = [
+    # Notice a dead daemon or network while the stream is quiet; the daemon
+    # accepts pings every 10 s or more.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    # While the daemon restarts, retry the connection every few seconds, not
+    # after gRPC's default of up to two minutes.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
 
 # Cursor home + clear screen: the next table overwrites the previous one.
 _REDRAW = "\x1b[H\x1b[2J"
@@ -110,13 +130,48 @@ def format_spread(spread: float, decimals: int | None = None) -> str:
     return f"{text} CROSSED" if spread < 0 else text
 
 
+def state_name(state: int) -> str:
+    """ExchangeState.State → "syncing", "live", "stale"; "unknown" otherwise."""
+    try:
+        name = orderbook_pb2.ExchangeState.State.Name(state)
+    except ValueError:  # a state added after this client was built
+        return "unknown"
+    return "unknown" if name == "STATE_UNSPECIFIED" else name.lower()
+
+
+def format_exchanges(summary: orderbook_pb2.Summary) -> str:
+    """"binance live  bitstamp stale (disconnected: ...)": why one is missing."""
+    parts = []
+    for exchange in summary.exchanges:
+        state = state_name(exchange.state)
+        reason = f" ({exchange.reason})" if state != "live" and exchange.reason else ""
+        parts.append(f"{exchange.exchange} {state}{reason}")
+    return _COLUMN_GAP.join(parts)
+
+
+def update_age(summary: orderbook_pb2.Summary, now: datetime.datetime) -> float | None:
+    """Seconds since the daemon made the Summary; None if it did not say when."""
+    if not summary.timestamp_us:
+        return None
+    return now.timestamp() - summary.timestamp_us / 1e6
+
+
+def format_age(seconds: float) -> str:
+    # Can be negative: the daemon's clock is not ours.
+    return f"{seconds * 1000:.0f} ms" if abs(seconds) < 1 else f"{seconds:.1f} s"
+
+
 def format_table(
     summary: orderbook_pb2.Summary,
     symbol: str,
     updates: int,
     now: datetime.datetime,
 ) -> str:
-    """The Summary as a text table: bids on the left, asks on the right, best first."""
+    """The Summary as a text table: bids on the left, asks on the right, best first.
+
+    The header shows the update's age and, on a second line, each exchange's
+    book state, when the daemon sends them.
+    """
     bids, asks = list(summary.bids), list(summary.asks)
     # Both price columns share one precision so bid and ask read alike; the
     # same for the amounts.
@@ -141,16 +196,19 @@ def format_table(
         )
 
     bid_w = len(bid_cells("", "", ""))
-    header = _COLUMN_GAP.join(
-        [
-            symbol,
-            f"spread: {format_spread(summary.spread, price_decimals)}",
-            f"update #{updates}",
-            now.strftime("%H:%M:%S"),
-        ]
-    )
-    lines = [
-        header,
+    header = [
+        symbol,
+        f"spread: {format_spread(summary.spread, price_decimals)}",
+        f"update #{updates}",
+        now.strftime("%H:%M:%S"),
+    ]
+    age = update_age(summary, now)
+    if age is not None:
+        header.append(f"age {format_age(age)}")
+    lines = [_COLUMN_GAP.join(header)]
+    if summary.exchanges:
+        lines.append(format_exchanges(summary))
+    lines += [
         "",
         "BIDS".rjust(bid_w) + _SIDE_SEPARATOR + "ASKS",
         bid_cells("exchange", "amount", "price")
@@ -189,12 +247,21 @@ def _json_levels(levels: Sequence[orderbook_pb2.Level]) -> list[dict[str, object
 
 
 def format_json(summary: orderbook_pb2.Summary, symbol: str) -> str:
-    """The Summary as one line of JSON (no trailing newline); NaN spread -> null."""
+    """The Summary as one line of JSON (no trailing newline); NaN spread -> null.
+
+    `exchanges` and `timestamp_us` (null if the daemon does not send it) are
+    always present, so consumers see one schema.
+    """
     obj = {
         "symbol": symbol,
         "spread": _json_number(summary.spread),
         "bids": _json_levels(summary.bids),
         "asks": _json_levels(summary.asks),
+        "exchanges": [
+            {"exchange": e.exchange, "state": state_name(e.state), "reason": e.reason}
+            for e in summary.exchanges
+        ],
+        "timestamp_us": summary.timestamp_us or None,
     }
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
@@ -258,9 +325,37 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: %(default)s)",
     )
     parser.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the stream ends or breaks instead of reopening it "
+        "(by default a stream that worked is reopened, with backoff)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, trusting the system's root certificates",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="PEM",
+        help="connect with TLS, trusting the certificates in this file "
+        "(e.g. the daemon's self-signed one)",
+    )
+    parser.add_argument(
         "--version", action="version", version=f"{PROG} {__version__}"
     )
     return parser
+
+
+def reconnect_delay(
+    attempt: int, jitter: Callable[[], float] = random.random
+) -> float:
+    """Seconds before reconnection attempt `attempt` (0, 1, ...): doubling from
+    RECONNECT_INITIAL up to RECONNECT_MAX, less up to a half at random so that
+    the clients of a restarted daemon do not all come back at once."""
+    delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2**attempt)
+    return delay * (1 - jitter() / 2)
 
 
 class _Unreachable(Exception):
@@ -271,10 +366,32 @@ class _StreamEnded(Exception):
     """The server closed the stream cleanly before we were done."""
 
 
-def _watch(args: argparse.Namespace, out: TextIO) -> None:
-    """Print Summaries until ``--count`` is reached; raise on anything else."""
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if not (args.tls or args.tls_ca):
+        return grpc.insecure_channel(args.addr, options=_CHANNEL_OPTIONS)
+    roots = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as file:
+            roots = file.read()
+    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    return grpc.secure_channel(args.addr, credentials, options=_CHANNEL_OPTIONS)
+
+
+def _watch(
+    args: argparse.Namespace,
+    out: TextIO,
+    err: TextIO,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Print Summaries until ``--count`` is reached; raise on anything else.
+
+    The first connection must succeed within ``--timeout`` (a wrong address
+    fails fast). After that, a stream that ends or breaks is reopened, with
+    backoff, until it works again: the daemon is restarting.
+    """
     redraw = not args.json and out.isatty()
-    with grpc.insecure_channel(args.addr) as channel:
+    # Leaving the `with` closes the channel, which cancels the stream.
+    with _channel(args) as channel:
         ready = grpc.channel_ready_future(channel)
         try:
             ready.result(timeout=args.timeout)
@@ -282,27 +399,63 @@ def _watch(args: argparse.Namespace, out: TextIO) -> None:
             ready.cancel()
             raise _Unreachable from None
         stub = orderbook_pb2_grpc.AggregatorStub(channel)
-        updates = 0
-        # Leaving the `with` closes the channel, which cancels the stream.
-        for summary in stub.BookSummary(orderbook_pb2.Request(symbol=args.symbol)):
-            updates += 1
-            if args.json:
-                text = format_json(summary, args.symbol) + "\n"
-            else:
-                table = format_table(
-                    summary, args.symbol, updates, datetime.datetime.now()
+        request = orderbook_pb2.Request(symbol=args.symbol)
+        updates = attempt = 0
+        while True:
+            try:
+                # Once reconnecting, wait for the daemon to be back rather
+                # than fail at once while it is down.
+                for summary in stub.BookSummary(request, wait_for_ready=updates > 0):
+                    if attempt:
+                        print(f"{PROG}: reconnected", file=err, flush=True)
+                        attempt = 0
+                    updates += 1
+                    _show(summary, args, updates, redraw, out)
+                    if updates == args.count:
+                        return
+                raise _StreamEnded
+            except (_StreamEnded, grpc.RpcError) as error:
+                if not (args.reconnect and updates and _resumable(error)):
+                    raise
+                delay = reconnect_delay(attempt)
+                attempt += 1
+                print(
+                    f"{PROG}: {_describe(error)}; reconnecting in {delay:.1f} s",
+                    file=err,
+                    flush=True,
                 )
-                if redraw:
-                    text = _REDRAW + table
-                else:
-                    text = ("\n" if updates > 1 else "") + table
-            # One write per update so a redraw doesn't flicker half-drawn, and
-            # a flush so a pipe reader sees each update as it happens.
-            out.write(text)
-            out.flush()
-            if updates == args.count:
-                return
-    raise _StreamEnded
+                sleep(delay)
+
+
+def _resumable(error: Exception) -> bool:
+    return isinstance(error, _StreamEnded) or error.code() in _RESUMABLE  # type: ignore[attr-defined]
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, _StreamEnded):
+        return "the daemon ended the stream"
+    return f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+
+
+def _show(
+    summary: orderbook_pb2.Summary,
+    args: argparse.Namespace,
+    updates: int,
+    redraw: bool,
+    out: TextIO,
+) -> None:
+    if args.json:
+        text = format_json(summary, args.symbol) + "\n"
+    else:
+        table = format_table(summary, args.symbol, updates, datetime.datetime.now())
+        if redraw:
+            text = _REDRAW + table
+        else:
+            text = ("\n" if updates > 1 else "") + table
+    # One write per update so a redraw doesn't flicker half-drawn, and
+    # a flush so a pipe reader sees each update as it happens.
+    out.write(text)
+    out.flush()
 
 
 def _silence_stdout(out: TextIO) -> None:
@@ -336,7 +489,7 @@ def main(
         return code
 
     try:
-        _watch(args, out)
+        _watch(args, out, err)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -344,6 +497,8 @@ def main(
         return EXIT_BROKEN_PIPE
     except _Unreachable:
         return fail(f"cannot reach the daemon at {args.addr}", EXIT_UNREACHABLE)
+    except OSError as exc:  # --tls-ca unreadable
+        return fail(f"{exc.filename}: {exc.strerror}", EXIT_ERROR)
     except _StreamEnded:
         return fail("the daemon ended the stream", EXIT_ERROR)
     except grpc.RpcError as exc:

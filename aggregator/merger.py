@@ -9,6 +9,7 @@ and offered to the symbol's subscribers, each of which keeps only the latest.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable, Iterable, Protocol
 
 from twisted.application.service import Service
@@ -21,6 +22,10 @@ from aggregator.book import BookState, Level, OrderBook
 
 MergedLevel = tuple[str, float, float]
 """(exchange, price, amount)."""
+
+
+class TooManySymbols(RuntimeError):
+    """Watching one more symbol would exceed the limit on distinct symbols."""
 
 
 class UnknownSymbol(LookupError):
@@ -60,10 +65,13 @@ class ExchangeBook:
     log = Logger()
 
     def __init__(
-        self, exchange: str, symbol: str, on_change: Callable[[str], None]
+        self, exchange: str, symbol: str, on_change: Callable[[str], None], depth: int = 10
     ) -> None:
         self.exchange = exchange
         self.symbol = symbol
+        # Levels per side the merge takes from this book: the feed must keep
+        # at least this many exact (see OrderBook.thinner_than).
+        self.depth = depth
         self.book = OrderBook()
         self.state = BookState.SYNCING
         self.reason = "subscribing"
@@ -74,9 +82,11 @@ class ExchangeBook:
     def live(self) -> bool:
         return self.state is BookState.LIVE
 
-    def replace(self, bids: Iterable[Level], asks: Iterable[Level]) -> None:
+    def replace(
+        self, bids: Iterable[Level], asks: Iterable[Level], truncated_at: int | None = None
+    ) -> None:
         """Become these levels (a snapshot). Raises InvalidLevel (book unchanged)."""
-        self.book.replace(bids, asks)
+        self.book.replace(bids, asks, truncated_at)
         if self.state is BookState.LIVE:
             self._on_change(self.symbol)
 
@@ -158,14 +168,37 @@ def spread_of(bids: list[MergedLevel], asks: list[MergedLevel]) -> float:
     return asks[0][1] - bids[0][1]
 
 
-def serialize_summary(bids: list[MergedLevel], asks: list[MergedLevel]) -> bytes:
+ExchangeStatus = tuple[str, BookState, str]
+"""(exchange, book state, reason)."""
+
+_WIRE_STATES = {
+    BookState.SYNCING: orderbook_pb2.ExchangeState.SYNCING,
+    BookState.LIVE: orderbook_pb2.ExchangeState.LIVE,
+    BookState.STALE: orderbook_pb2.ExchangeState.STALE,
+}
+
+
+def serialize_summary(
+    bids: list[MergedLevel],
+    asks: list[MergedLevel],
+    exchanges: Iterable[ExchangeStatus] = (),
+    timestamp_us: int = 0,
+) -> bytes:
     Level_ = orderbook_pb2.Level
+    State_ = orderbook_pb2.ExchangeState
     summary = orderbook_pb2.Summary(
         spread=spread_of(bids, asks),
         bids=[Level_(exchange=e, price=p, amount=a) for e, p, a in bids],
         asks=[Level_(exchange=e, price=p, amount=a) for e, p, a in asks],
+        exchanges=[State_(exchange=e, state=_WIRE_STATES[s], reason=r) for e, s, r in exchanges],
+        timestamp_us=timestamp_us,
     )
     return summary.SerializeToString()
+
+
+def _wall_clock_us() -> int:
+    # For clients (the Summary's timestamp_us), so the wall clock, not the reactor's.
+    return time.time_ns() // 1000
 
 
 class Subscription:
@@ -180,26 +213,34 @@ class Subscription:
         self.symbol = symbol
         self.delivered = 0
         self.conflated = 0
+        # Arrival (metrics.FrameClock) of the frame behind the Summary that
+        # next() last handed out; None if no frame caused it.
+        self.arrival: float | None = None
         self._pending: bytes | None = None
+        self._pending_arrival: float | None = None
         self._waiter: Deferred | None = None
         self._release = release
         self._ended = False
 
-    def offer(self, summary: bytes) -> None:
+    def offer(self, summary: bytes, arrival: float | None = None) -> None:
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             self.delivered += 1
+            self.arrival = arrival
             waiter.callback(summary)
             return
         if self._pending is not None:
             self.conflated += 1
+            metrics.SUMMARIES_CONFLATED.inc()
         self._pending = summary
+        self._pending_arrival = arrival
 
     def next(self) -> Deferred:
         """Fires with the next serialized Summary, or None once ended."""
         if self._pending is not None:
             summary, self._pending = self._pending, None
             self.delivered += 1
+            self.arrival = self._pending_arrival
             return succeed(summary)
         if self._ended:
             return succeed(None)
@@ -228,14 +269,21 @@ class Subscription:
 
 
 class _SymbolState:
-    __slots__ = ("books", "subscriptions", "refs", "published", "summary")
+    __slots__ = ("books", "subscriptions", "refs", "published", "shown", "summary")
 
     def __init__(self) -> None:
         self.books: dict[str, ExchangeBook] = {}
         self.subscriptions: set[Subscription] = set()
         self.refs = 0
         self.published: tuple[list[MergedLevel], list[MergedLevel]] = ([], [])
-        self.summary = serialize_summary([], [])
+        # The exchanges' states as `summary` shows them.
+        self.shown: tuple[ExchangeStatus, ...] = ()
+        self.summary = serialize_summary([], [], (), _wall_clock_us())
+
+    def statuses(self) -> tuple[ExchangeStatus, ...]:
+        return tuple(
+            (name, book.state, book.reason) for name, book in sorted(self.books.items())
+        )
 
 
 class Merger(Service):
@@ -321,10 +369,24 @@ class Merger(Service):
             self.feeds[exchange].unwatch(symbol)
             book.discard()
 
-    def subscribe(self, symbol: str) -> Subscription:
-        """A subscriber to `symbol`, already holding the current Summary."""
+    def subscribe(self, symbol: str, max_symbols: int | None = None) -> Subscription:
+        """A subscriber to `symbol`, already holding the current Summary.
+
+        Raises TooManySymbols if `symbol` has no demand yet and `max_symbols`
+        symbols already have some (a subscriber or --symbols).
+        """
+        if max_symbols is not None and symbol not in self._symbols:
+            if len(self._symbols) >= max_symbols:
+                raise TooManySymbols(
+                    f"cannot watch {symbol!r}: the daemon already watches its limit "
+                    f"of {max_symbols} symbols"
+                )
         self.hold(symbol)
         state = self._symbols[symbol]
+        if state.statuses() != state.shown:
+            # A state change that moves no level publishes nothing (see
+            # _book_changed); a new subscriber still gets the states as they are.
+            self._publish(state, state.published, None)
         subscription = Subscription(symbol, self._unsubscribe)
         state.subscriptions.add(subscription)
         subscription.offer(state.summary)
@@ -353,7 +415,7 @@ class Merger(Service):
         listed = feed.listed_symbols()
         if listed is None or symbol not in listed or feed.name in state.books:
             return
-        book = ExchangeBook(feed.name, symbol, self._book_changed)
+        book = ExchangeBook(feed.name, symbol, self._book_changed, self.depth)
         state.books[feed.name] = book
         feed.watch(book)
 
@@ -368,15 +430,28 @@ class Merger(Service):
         return state.summary if state else None
 
     def _book_changed(self, symbol: str) -> None:
+        # Taken whether or not this change publishes: the mark belongs to the
+        # frame that caused it, not to a later change no frame caused.
+        arrival = metrics.FRAME_CLOCK.take()
         state = self._symbols.get(symbol)
         if state is None:
             return
         merged = merge_top(
             (book for book in state.books.values() if book.live), self.depth
         )
+        # Only the levels decide: the exchanges' states and the time ride along.
         if merged == state.published:
             return
+        self._publish(state, merged, arrival)
+
+    def _publish(
+        self,
+        state: _SymbolState,
+        merged: tuple[list[MergedLevel], list[MergedLevel]],
+        arrival: float | None,
+    ) -> None:
         state.published = merged
-        state.summary = summary = serialize_summary(*merged)
+        state.shown = state.statuses()
+        state.summary = summary = serialize_summary(*merged, state.shown, _wall_clock_us())
         for subscription in state.subscriptions:
-            subscription.offer(summary)
+            subscription.offer(summary, arrival)

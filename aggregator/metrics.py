@@ -6,7 +6,9 @@ label children they need at construction, so the hot path only calls inc().
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Enum, Gauge, Histogram
+from prometheus_client import Counter, Enum, Gauge, Histogram, Info
+
+from aggregator import __version__
 
 MESSAGES = Counter(
     "aggregator_messages", "Websocket frames received from an exchange.", ["exchange"]
@@ -42,8 +44,44 @@ SUMMARIES_CONFLATED = Counter(
     "aggregator_summaries_conflated",
     "Summaries dropped because a newer one replaced them before a slow client read them.",
 )
+STREAMS_REFUSED = Counter(
+    "aggregator_streams_refused",
+    "BookSummary streams refused, by status code (resource_exhausted: a limit).",
+    ["code"],
+)
+BUILD = Info("aggregator_build", "The running daemon's version.")
+BUILD.info({"version": __version__})
 UPDATE_LATENCY = Histogram(
     "aggregator_update_latency_seconds",
     "From an exchange frame's arrival to the Summary reflecting it being handed to gRPC.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
+
+
+class FrameClock:
+    """When the exchange frame being processed arrived, for UPDATE_LATENCY.
+
+    A feed calls mark(reactor.seconds()) as a frame arrives; the merger takes()
+    it on the book change that frame causes and hands it, with the Summary it
+    publishes, to the gRPC handler, which observes reactor.seconds() - arrival
+    as it yields that Summary. One clock on both ends: the reactor's seconds()
+    (time.time() on the asyncio reactor; a Clock in tests). It is not
+    monotonic, but the intervals are sub-second, and a step of the wall clock
+    can only produce one outlier (negative ones are clamped to 0).
+
+    take() consumes the mark, so a Summary that no frame caused (a
+    disconnect, a timer, a new subscriber) carries no arrival and adds no sample.
+    """
+
+    def __init__(self) -> None:
+        self.arrival: float | None = None
+
+    def mark(self, seconds: float) -> None:
+        self.arrival = seconds
+
+    def take(self) -> float | None:
+        arrival, self.arrival = self.arrival, None
+        return arrival
+
+
+FRAME_CLOCK = FrameClock()

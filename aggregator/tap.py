@@ -6,6 +6,7 @@ imports it only once the subcommand is chosen and -r has been handled.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from aggregator.reactor import install_asyncio_reactor
@@ -15,11 +16,23 @@ install_asyncio_reactor()
 from twisted.application.service import IServiceCollection, MultiService, Service  # noqa: E402
 from twisted.python import usage  # noqa: E402
 
+from aggregator import __version__  # noqa: E402
+from aggregator.address import split_host_port  # noqa: E402
 from aggregator.exchanges import FEEDS  # noqa: E402
 from aggregator.exchanges.feed import ExchangeFeed  # noqa: E402
-from aggregator.grpc_service import AggregatorServicer, GrpcServer  # noqa: E402
+from aggregator.grpc_service import (  # noqa: E402
+    API_SERVICES,
+    AggregatorServicer,
+    GrpcServer,
+    Keepalive,
+    Limits,
+)
+from aggregator.health import Health  # noqa: E402
+from aggregator.jsonlog import use_json_log  # noqa: E402
 from aggregator.merger import Merger  # noqa: E402
+from aggregator.metrics_http import MetricsServer  # noqa: E402
 from aggregator.symbols import InvalidSymbol, normalize  # noqa: E402
+from aggregator.tls import BadKeyPair, read_key_pair  # noqa: E402
 
 DEFAULT_URLS = {
     "binance-ws-url": "wss://stream.binance.com:9443",
@@ -57,7 +70,32 @@ class Options(usage.Options):
         ["demo-source", None, "both", "With --demo: synthetic, recorded or both."],
         ["demo-seed", None, 1, "With --demo: seed of the synthetic books.", int],
         ["demo-speed", None, 1.0, "With --demo: replay speed multiplier.", float],
+        ["default-symbol", None, "ethbtc",
+         "Symbol streamed by the challenge API orderbook.OrderbookAggregator/BookSummary(Empty)."],
+        ["max-streams", None, 1000,
+         "Concurrent BookSummary streams (both APIs); more get RESOURCE_EXHAUSTED.", int],
+        ["max-symbols", None, 100,
+         "Distinct symbols watched at once (clients' and --symbols); a stream for one more "
+         "gets RESOURCE_EXHAUSTED.", int],
+        ["metrics", None, "",
+         "Serve Prometheus metrics at http://host:port/metrics, e.g. 127.0.0.1:9101; "
+         "empty: off."],
+        ["tls-cert", None, None,
+         "PEM certificate chain: serve gRPC over TLS (with --tls-key); default plaintext."],
+        ["tls-key", None, None, "PEM private key (unencrypted) of --tls-cert."],
+        ["keepalive", None, 20.0,
+         "Seconds between HTTP/2 pings to each client, to notice dead ones.", float],
+        ["keepalive-timeout", None, 10.0,
+         "Seconds without a ping's answer before a client is dropped.", float],
+        ["log-format", None, "text",
+         "text, or json: one JSON object per line, where twistd logs "
+         "(stdout with -n, else --logfile)."],
     ]
+
+    def opt_version(self) -> None:
+        """Print the aggregator's version and exit."""
+        print(f"aggregator {__version__}")
+        sys.exit(0)
 
     def postOptions(self) -> None:
         host, _, port = self["listen"].rpartition(":")
@@ -81,6 +119,41 @@ class Options(usage.Options):
             raise usage.UsageError(f"--demo-source must be one of {', '.join(DEMO_SOURCES)}")
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        try:
+            self["default-symbol"] = normalize(self["default-symbol"])
+        except InvalidSymbol as error:
+            raise usage.UsageError(f"--default-symbol: {error}")
+        for option in ("max-streams", "max-symbols"):
+            if self[option] < 1:
+                raise usage.UsageError(f"--{option} must be at least 1")
+        if len(set(self["symbols"])) > self["max-symbols"]:
+            raise usage.UsageError("--symbols lists more symbols than --max-symbols allows")
+        if self["metrics"]:
+            try:
+                split_host_port(self["metrics"])
+            except ValueError:
+                raise usage.UsageError(f"--metrics must be host:port, got {self['metrics']!r}")
+        if (self["tls-cert"] is None) != (self["tls-key"] is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        self["tls"] = None
+        if self["tls-cert"] is not None:
+            try:
+                self["tls"] = read_key_pair(self["tls-cert"], self["tls-key"])
+            except BadKeyPair as error:
+                raise usage.UsageError(f"TLS: {error}")
+        if not (self["keepalive"] > 0 and self["keepalive-timeout"] > 0):
+            raise usage.UsageError("--keepalive and --keepalive-timeout must be positive")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
+        # Only twistd has a log to reformat (tests build the service directly).
+        if self["log-format"] == "json" and self.parent is not None:
+            try:
+                use_json_log(self.parent)
+            except ValueError as error:
+                raise usage.UsageError(f"--log-format: {error}")
 
 
 class DemoWiring(Service):
@@ -104,6 +177,11 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     if reactor is None:
         from twisted.internet import reactor
     root = MultiService()
+    if options["metrics"]:
+        # First to start, last to stop: the metrics cover the whole run.
+        metrics_server = MetricsServer(options["metrics"], reactor)
+        metrics_server.setName("metrics")
+        metrics_server.setServiceParent(root)
     feeds = [
         FEEDS[name](
             options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor
@@ -128,7 +206,19 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"])
     merger.setName("merger")
     merger.setServiceParent(root)
-    server = GrpcServer(options["listen"], AggregatorServicer(merger))
+    servicer = AggregatorServicer(
+        merger,
+        default_symbol=options["default-symbol"],
+        limits=Limits(options["max-streams"], options["max-symbols"]),
+        clock=reactor,
+    )
+    server = GrpcServer(
+        options["listen"],
+        servicer,
+        health=Health(feeds, API_SERVICES),
+        tls=options["tls"],
+        keepalive=Keepalive(options["keepalive"], options["keepalive-timeout"]),
+    )
     server.setName("grpc")
     server.setServiceParent(root)
     return root

@@ -22,16 +22,21 @@ import pytest
 from aggregator import __version__
 from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc
 from aggregator.client import (
+    RECONNECT_INITIAL,
+    RECONNECT_MAX,
     align_numbers,
     format_json,
     format_number,
     format_spread,
     format_table,
     main,
+    reconnect_delay,
+    state_name,
 )
 
 Level = orderbook_pb2.Level
 Summary = orderbook_pb2.Summary
+ExchangeState = orderbook_pb2.ExchangeState
 NOW = datetime.datetime(2024, 5, 1, 12, 34, 56)
 REPO = Path(__file__).resolve().parent.parent
 
@@ -147,8 +152,55 @@ def test_json_nan_spread_is_null() -> None:
         "spread": None,
         "bids": [],
         "asks": [{"exchange": "bitstamp", "price": 1e-05, "amount": 2.0}],
+        "exchanges": [],
+        "timestamp_us": None,
     }
     assert "NaN" not in line
+
+
+def with_states(book: Summary, timestamp: datetime.datetime) -> Summary:
+    states = Summary(
+        exchanges=[
+            ExchangeState(exchange="binance", state=ExchangeState.LIVE, reason="in sync"),
+            ExchangeState(exchange="bitstamp", state=ExchangeState.STALE, reason="disconnected: lost"),
+        ],
+        timestamp_us=int(timestamp.timestamp() * 1_000_000),
+    )
+    combined = Summary()
+    combined.CopyFrom(book)
+    combined.MergeFrom(states)
+    return combined
+
+
+def test_table_shows_exchange_states_and_update_age() -> None:
+    book = with_states(BOOK, NOW - datetime.timedelta(milliseconds=12))
+    lines = format_table(book, "ethbtc", 7, NOW).splitlines()
+    assert lines[0] == "ethbtc  spread: 0.00010  update #7  12:34:56  age 12 ms"
+    # The reason only where it explains a missing exchange.
+    assert lines[1] == "binance live  bitstamp stale (disconnected: lost)"
+    assert lines[2] == ""
+    old = with_states(BOOK, NOW - datetime.timedelta(seconds=75))
+    assert format_table(old, "ethbtc", 1, NOW).splitlines()[0].endswith("age 75.0 s")
+
+
+def test_json_has_exchange_states_and_timestamp() -> None:
+    book = with_states(BOOK, NOW)
+    obj = json.loads(format_json(book, "ethbtc"))
+    assert obj["exchanges"] == [
+        {"exchange": "binance", "state": "live", "reason": "in sync"},
+        {"exchange": "bitstamp", "state": "stale", "reason": "disconnected: lost"},
+    ]
+    assert obj["timestamp_us"] == int(NOW.timestamp() * 1_000_000)
+
+
+def test_state_names_of_unknown_states() -> None:
+    assert [state_name(s) for s in (0, 1, 2, 3, 99)] == ["unknown", "syncing", "live", "stale", "unknown"]
+
+
+def test_reconnect_delay_doubles_to_a_cap_with_jitter() -> None:
+    assert [reconnect_delay(n, jitter=lambda: 0.0) for n in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+    assert reconnect_delay(0, jitter=lambda: 1.0) == RECONNECT_INITIAL / 2
+    assert reconnect_delay(50, jitter=lambda: 0.999) > RECONNECT_MAX / 2
 
 
 # --------------------------------------------------------------------------
@@ -174,6 +226,10 @@ class FakeAggregator(orderbook_pb2_grpc.AggregatorServicer):
     def BookSummary(self, request: orderbook_pb2.Request, context: grpc.ServicerContext) -> Iterator[Summary]:
         if request.symbol in ABORTS:
             context.abort(*ABORTS[request.symbol])
+        if request.symbol == "flaky":
+            # One update, then the connection "breaks".
+            yield STREAM[0]
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
         if request.symbol == "forever":
             # Streams until the client goes away (or the server stops).
             while context.is_active():
@@ -207,13 +263,15 @@ def test_json_stream(addr: str) -> None:
     assert [json.loads(line) for line in lines] == [
         {"symbol": "ethbtc", "spread": 0.0001,
          "bids": [{"exchange": "binance", "price": 0.034, "amount": 1.5}],
-         "asks": [{"exchange": "bitstamp", "price": 0.0341, "amount": 2.0}]},
+         "asks": [{"exchange": "bitstamp", "price": 0.0341, "amount": 2.0}],
+         "exchanges": [], "timestamp_us": None},
         {"symbol": "ethbtc", "spread": None,
          "bids": [{"exchange": "binance", "price": 0.03405, "amount": 1.5}],
-         "asks": []},
+         "asks": [], "exchanges": [], "timestamp_us": None},
         {"symbol": "ethbtc", "spread": -2e-05,
          "bids": [{"exchange": "bitstamp", "price": 0.03412, "amount": 0.5}],
-         "asks": [{"exchange": "binance", "price": 0.0341, "amount": 3.0}]},
+         "asks": [{"exchange": "binance", "price": 0.0341, "amount": 3.0}],
+         "exchanges": [], "timestamp_us": None},
     ]
 
 
@@ -267,10 +325,35 @@ def test_rpc_errors(addr: str, symbol: str, code: int, message: str) -> None:
     assert run(symbol, "--addr", addr, "--json") == (code, "", message.format(addr=addr))
 
 
-def test_stream_ended_by_server(addr: str) -> None:
-    code, out, err = run("ethbtc", "--addr", addr, "--json", "--count", "5")
+def test_stream_ended_by_server_without_reconnect(addr: str) -> None:
+    code, out, err = run("ethbtc", "--addr", addr, "--json", "--count", "5", "--no-reconnect")
     assert len(out.splitlines()) == 3
     assert (code, err) == (1, "aggregator-client: the daemon ended the stream\n")
+
+
+def test_stream_ended_by_server_is_reopened(addr: str) -> None:
+    code, out, err = run("ethbtc", "--addr", addr, "--json", "--count", "5")
+    assert code == 0 and len(out.splitlines()) == 5
+    notice, reconnected = err.splitlines()
+    assert notice.startswith("aggregator-client: the daemon ended the stream; reconnecting in ")
+    assert reconnected == "aggregator-client: reconnected"
+
+
+def test_broken_stream_is_reopened_with_growing_delays(addr: str) -> None:
+    started = time.monotonic()
+    code, out, err = run("flaky", "--addr", addr, "--json", "--count", "3")
+    assert code == 0 and len(out.splitlines()) == 3
+    notices = [line for line in err.splitlines() if "reconnecting" in line]
+    assert len(notices) == 2
+    assert all("UNAVAILABLE: connection reset" in line for line in notices)
+    # Each update resets the backoff: both waits are the first one's.
+    assert time.monotonic() - started < 2 * RECONNECT_INITIAL + 2
+
+
+def test_errors_before_any_update_are_not_retried(addr: str) -> None:
+    # The daemon refused the very first stream: misconfiguration, not a restart.
+    assert run("down", "--addr", addr)[0] == 2
+    assert run("busy", "--addr", addr)[0] == 3
 
 
 def test_unreachable() -> None:

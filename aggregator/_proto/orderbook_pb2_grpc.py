@@ -97,3 +97,84 @@ class Aggregator:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class OrderbookAggregatorStub:
+    """The widely used challenge API, served so that its existing clients connect
+    unchanged: the same stream for the daemon's default symbol
+    (--default-symbol, ethbtc unless configured).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.BookSummary = channel.unary_stream(
+                '/orderbook.OrderbookAggregator/BookSummary',
+                request_serializer=aggregator_dot___proto_dot_orderbook__pb2.Empty.SerializeToString,
+                response_deserializer=aggregator_dot___proto_dot_orderbook__pb2.Summary.FromString,
+                _registered_method=True)
+
+
+class OrderbookAggregatorServicer:
+    """The widely used challenge API, served so that its existing clients connect
+    unchanged: the same stream for the daemon's default symbol
+    (--default-symbol, ethbtc unless configured).
+    """
+
+    def BookSummary(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_OrderbookAggregatorServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'BookSummary': grpc.unary_stream_rpc_method_handler(
+                    servicer.BookSummary,
+                    request_deserializer=aggregator_dot___proto_dot_orderbook__pb2.Empty.FromString,
+                    response_serializer=aggregator_dot___proto_dot_orderbook__pb2.Summary.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'orderbook.OrderbookAggregator', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('orderbook.OrderbookAggregator', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class OrderbookAggregator:
+    """The widely used challenge API, served so that its existing clients connect
+    unchanged: the same stream for the daemon's default symbol
+    (--default-symbol, ethbtc unless configured).
+    """
+
+    @staticmethod
+    def BookSummary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/orderbook.OrderbookAggregator/BookSummary',
+            aggregator_dot___proto_dot_orderbook__pb2.Empty.SerializeToString,
+            aggregator_dot___proto_dot_orderbook__pb2.Summary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
