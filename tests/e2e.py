@@ -70,7 +70,11 @@ class Watcher:
         await self.channel.close()
 
 
-async def start_daemon(sim, *extra):
+async def start_daemon(sim, *extra, configure=None):
+    """The daemon as `twistd aggregator` builds it, pointed at `sim`.
+
+    `configure(daemon)` runs between makeService and startService (tests use it
+    to shorten timeouts and backoff)."""
     options = plugin().options()
     options.parseOptions([
         "--listen", "127.0.0.1:0",
@@ -81,6 +85,8 @@ async def start_daemon(sim, *extra):
         *extra,
     ])
     daemon = plugin().makeService(options)
+    if configure is not None:
+        configure(daemon)
     daemon.startService()
     await daemon.getServiceNamed("grpc").whenStarted()
     return daemon
