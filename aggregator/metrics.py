@@ -36,7 +36,9 @@ BOOK_STATE = Enum(
     states=["syncing", "live", "stale"],
 )
 SNAPSHOT_REQUESTS = Counter(
-    "aggregator_snapshot_requests", "REST requests sent, by host role.", ["exchange", "kind"]
+    "aggregator_snapshot_requests",
+    "REST book snapshots requested, by purpose (snapshot, verify).",
+    ["exchange", "kind"],
 )
 ACTIVE_STREAMS = Gauge("aggregator_active_streams", "Open BookSummary streams.")
 SUMMARIES_SENT = Counter("aggregator_summaries_sent", "Summaries handed to gRPC streams.")

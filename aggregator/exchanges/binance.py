@@ -184,6 +184,7 @@ class DepthSync:
     def fetch_snapshot(self) -> None:
         self.retry = None
         self.state = "fetching"
+        metrics.SNAPSHOT_REQUESTS.labels("binance", "snapshot").inc()
         request = self.request = self.feed.http.get_json(
             f"{self.feed.rest_url}/api/v3/depth?symbol={self.symbol.upper()}"
             f"&limit={SNAPSHOT_LIMIT}",

@@ -111,6 +111,7 @@ class BitstampFeed(ExchangeFeed):
             f"{self.rest_url}/api/v2/order_book/{symbol}/?_={millis}"
         )
         self._verified_at[symbol] = self.reactor.seconds()
+        metrics.SNAPSHOT_REQUESTS.labels(self.name, purpose).inc()
         request.addCallbacks(
             self._snapshot_loaded, self._snapshot_failed,
             callbackArgs=(symbol, request, purpose), errbackArgs=(symbol, request),
