@@ -19,6 +19,7 @@ from twisted.logger import Logger
 from aggregator import metrics
 from aggregator._proto import orderbook_pb2
 from aggregator.book import BookState, Level, OrderBook
+from aggregator.wire import encode_summary
 
 MergedLevel = tuple[str, float, float]
 """(exchange, price, amount)."""
@@ -65,7 +66,11 @@ class ExchangeBook:
     log = Logger()
 
     def __init__(
-        self, exchange: str, symbol: str, on_change: Callable[[str], None], depth: int = 10
+        self,
+        exchange: str,
+        symbol: str,
+        on_change: Callable[[ExchangeBook], None],
+        depth: int = 10,
     ) -> None:
         self.exchange = exchange
         self.symbol = symbol
@@ -73,6 +78,10 @@ class ExchangeBook:
         # at least this many exact (see OrderBook.thinner_than).
         self.depth = depth
         self.book = OrderBook()
+        # This book's top `depth` levels as the merged book last saw them
+        # (None while not live): most diffs only touch deeper levels, and then
+        # nothing needs re-merging.
+        self.merged_top: tuple[list[Level], list[Level]] | None = None
         self.state = BookState.SYNCING
         self.reason = "subscribing"
         self._on_change = on_change
@@ -88,19 +97,19 @@ class ExchangeBook:
         """Become these levels (a snapshot). Raises InvalidLevel (book unchanged)."""
         self.book.replace(bids, asks, truncated_at)
         if self.state is BookState.LIVE:
-            self._on_change(self.symbol)
+            self._on_change(self)
 
     def apply(self, bids: list[Level], asks: list[Level]) -> None:
         """An in-sequence update. Raises InvalidLevel (book unchanged)."""
         self.book.apply(bids, asks)
         if self.state is BookState.LIVE:
-            self._on_change(self.symbol)
+            self._on_change(self)
 
     def mark_live(self) -> None:
         """The feed vouches for the levels: they take part in the merge."""
         if self.state is not BookState.LIVE:
             self._set_state(BookState.LIVE, "in sync")
-            self._on_change(self.symbol)
+            self._on_change(self)
 
     def mark_syncing(self, reason: str) -> None:
         self._withdraw(BookState.SYNCING, reason)
@@ -113,7 +122,7 @@ class ExchangeBook:
         self.book.clear()
         self._set_state(state, reason)
         if was_live:
-            self._on_change(self.symbol)
+            self._on_change(self)
 
     def _set_state(self, state: BookState, reason: str) -> None:
         if state is self.state:
@@ -139,9 +148,9 @@ class ExchangeBook:
 
 
 def merge_top(
-    books: Iterable[ExchangeBook], depth: int
+    tops: Iterable[tuple[str, list[Level], list[Level]]], depth: int
 ) -> tuple[list[MergedLevel], list[MergedLevel]]:
-    """The merged top `depth` bids and asks of the given books.
+    """The merged top `depth` of (exchange, best bids, best asks) per book.
 
     Bids best (highest) first, asks best (lowest) first; on an equal price the
     larger amount first, then the exchange name, so the order is total and the
@@ -149,10 +158,9 @@ def merge_top(
     """
     bids: list[MergedLevel] = []
     asks: list[MergedLevel] = []
-    for exchange_book in books:
-        name, book = exchange_book.exchange, exchange_book.book
-        bids.extend((name, p, a) for p, a in book.top_bids(depth))
-        asks.extend((name, p, a) for p, a in book.top_asks(depth))
+    for name, book_bids, book_asks in tops:
+        bids.extend((name, p, a) for p, a in book_bids)
+        asks.extend((name, p, a) for p, a in book_asks)
     bids.sort(key=lambda level: (-level[1], -level[2], level[0]))
     asks.sort(key=lambda level: (level[1], -level[2], level[0]))
     return bids[:depth], asks[:depth]
@@ -184,16 +192,13 @@ def serialize_summary(
     exchanges: Iterable[ExchangeStatus] = (),
     timestamp_us: int = 0,
 ) -> bytes:
-    Level_ = orderbook_pb2.Level
-    State_ = orderbook_pb2.ExchangeState
-    summary = orderbook_pb2.Summary(
-        spread=spread_of(bids, asks),
-        bids=[Level_(exchange=e, price=p, amount=a) for e, p, a in bids],
-        asks=[Level_(exchange=e, price=p, amount=a) for e, p, a in asks],
-        exchanges=[State_(exchange=e, state=_WIRE_STATES[s], reason=r) for e, s, r in exchanges],
-        timestamp_us=timestamp_us,
+    return encode_summary(
+        spread_of(bids, asks),
+        bids,
+        asks,
+        [(name, _WIRE_STATES[state], reason) for name, state, reason in exchanges],
+        timestamp_us,
     )
-    return summary.SerializeToString()
 
 
 def _wall_clock_us() -> int:
@@ -222,18 +227,20 @@ class Subscription:
         self._release = release
         self._ended = False
 
-    def offer(self, summary: bytes, arrival: float | None = None) -> None:
+    def offer(self, summary: bytes, arrival: float | None = None) -> bool:
+        """Hand over or keep `summary`; True if it superseded one never read."""
         if self._waiter is not None:
             waiter, self._waiter = self._waiter, None
             self.delivered += 1
             self.arrival = arrival
             waiter.callback(summary)
-            return
-        if self._pending is not None:
+            return False
+        superseded = self._pending is not None
+        if superseded:
             self.conflated += 1
-            metrics.SUMMARIES_CONFLATED.inc()
         self._pending = summary
         self._pending_arrival = arrival
+        return superseded
 
     def next(self) -> Deferred:
         """Fires with the next serialized Summary, or None once ended."""
@@ -429,15 +436,25 @@ class Merger(Service):
         state = self._symbols.get(symbol)
         return state.summary if state else None
 
-    def _book_changed(self, symbol: str) -> None:
+    def _book_changed(self, changed: ExchangeBook) -> None:
         # Taken whether or not this change publishes: the mark belongs to the
         # frame that caused it, not to a later change no frame caused.
         arrival = metrics.FRAME_CLOCK.take()
-        state = self._symbols.get(symbol)
-        if state is None:
+        state = self._symbols.get(changed.symbol)
+        if state is None or state.books.get(changed.exchange) is not changed:
             return
+        book = changed.book
+        top = (book.top_bids(self.depth), book.top_asks(self.depth)) if changed.live else None
+        if top == changed.merged_top:
+            return  # the change is below this book's top N (or it stays withheld)
+        changed.merged_top = top
         merged = merge_top(
-            (book for book in state.books.values() if book.live), self.depth
+            (
+                (exchange_book.exchange, *exchange_book.merged_top)
+                for exchange_book in state.books.values()
+                if exchange_book.merged_top is not None
+            ),
+            self.depth,
         )
         # Only the levels decide: the exchanges' states and the time ride along.
         if merged == state.published:
@@ -453,5 +470,8 @@ class Merger(Service):
         state.published = merged
         state.shown = state.statuses()
         state.summary = summary = serialize_summary(*merged, state.shown, _wall_clock_us())
+        conflated = 0
         for subscription in state.subscriptions:
-            subscription.offer(summary, arrival)
+            conflated += subscription.offer(summary, arrival)
+        if conflated:
+            metrics.SUMMARIES_CONFLATED.inc(conflated)  # once: the counter takes a lock
