@@ -78,3 +78,32 @@ def test_runs_until_sigint():
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
         proc.stderr.close()  # type: ignore[union-attr]
+
+
+def test_scale_and_fault_options():
+    options = Options()
+    options.parseOptions(
+        ["--source", "scale", "--symbols", "50", "--rate", "2000", "--bitstamp-rate", "100", "--tick", "0.002",
+         "--faults", "random", "--fault-interval", "2", "--weight-limit", "1200", "--ban-seconds", "30"]
+    )
+    clock = MemoryReactorClock()
+    sim = make_service(options, clock)
+    assert sim.source == "scale" and len(sim.symbols("binance")) == 50
+    stats = sim.scale_stats()
+    assert (stats["binance"]["rate"], stats["bitstamp"]["rate"], stats["tick"]) == (2000.0, 100.0, 0.002)
+    sim.startService()
+    clock.advance(2.0)
+    assert len(sim.faults_injected) == 1
+    sim.stopService()
+    options = Options()
+    options.parseOptions(["--faults", "stall,drop"])
+    assert make_service(options, MemoryReactorClock()).source == "both"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--symbols", "0"], ["--rate", "0"], ["--faults", "meteor"], ["--fault-interval", "0"], ["--weight-limit", "0"]],
+)
+def test_bad_scale_and_fault_options(argv):
+    with pytest.raises(usage.UsageError):
+        Options().parseOptions(argv)

@@ -4,6 +4,7 @@ endpoints.
 
 Each change event of a pair is sent at once: diff_order_book_<pair> gets the changed levels,
 order_book_<pair> the full top 100 after the change. Nothing is sent on subscribe.
+Client heartbeats are answered (unless the connection is stalled, see wsserver).
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 import copy
 import json
 import re
-from typing import Any, Iterable, Mapping
+from collections import Counter
+from typing import Any, Callable, Iterable, Mapping
 
 import orjson
-from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from . import fixtures
-from .connections import ConnectionSet
+from .faults import BAD_FRAME_KINDS, Violation
 from .market import Market, Update
+from .wsserver import SimServerFactory, SimServerProtocol
 
 # Channel types Bitstamp knows; only the two book channels carry data here, the others are
 # acknowledged and stay silent (as an unknown pair does on the real service).
@@ -48,11 +49,13 @@ def parse_channel(channel: Any) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def pairs_info(served: Iterable[str]) -> list[dict]:
-    """trading-pairs-info entries of the served pairs, from the recorded list."""
+def pairs_info(served: Iterable[str], listings: Mapping[str, dict] | None = None) -> list[dict]:
+    """trading-pairs-info entries of the served pairs, from `listings` (generated pairs) or
+    the recorded list."""
     entries = []
+    listings = listings or {}
     for pair in sorted(served):
-        entry = fixtures.bitstamp_pair_entry(pair)
+        entry = listings.get(pair) or fixtures.bitstamp_pair_entry(pair)
         if entry is None:  # not recorded: a plausible entry
             entry = {
                 "trading": "Enabled",
@@ -92,11 +95,23 @@ class ChannelHub:
         self._markets = markets
         self._prepare = prepare
         self._subs: dict[str, dict[Any, None]] = {}  # channel -> sockets (ordered set)
-        self._lose: set[str] = set()  # pairs whose next diff frame is to be lost (fault)
+        self._lose: Counter[str] = Counter()  # pair -> diff frames still to be lost (fault)
         self.frames_sent = 0
+        self.frames_by_symbol: Counter[str] = Counter()
+        # Called with (pair, frame) for every frame built for a channel; for benchmarks.
+        self.frame_listeners: list[Callable[[str, bytes], None]] = []
 
     def subscribers(self, channel: str) -> int:
         return len(self._subs.get(channel, ()))
+
+    def subscribed_symbols(self) -> list[str]:
+        """Served pairs with at least one subscribed data channel."""
+        pairs = set()
+        for channel in self._subs:
+            parsed = parse_channel(channel)
+            if parsed and parsed[0] in ("order_book", "diff_order_book") and parsed[1] in self._markets:
+                pairs.add(parsed[1])
+        return sorted(pairs)
 
     def subscribe(self, socket: Any, channel: str) -> None:
         self._subs.setdefault(channel, {})[socket] = None
@@ -112,10 +127,26 @@ class ChannelHub:
         for channel in list(channels):
             self.unsubscribe(socket, channel)
 
-    def lose_next(self, pair: str) -> None:
-        """Fault: the next diff_order_book_<pair> frame is not sent. Bitstamp has no sequence
-        numbers, so clients cannot see it (PROTOCOLS §2.4); their book silently diverges."""
-        self._lose.add(pair)
+    def lose_next(self, pair: str, count: int = 1) -> None:
+        """Fault: the next `count` diff_order_book_<pair> frames are not sent. Bitstamp has no
+        sequence numbers, so clients cannot see it (PROTOCOLS §2.4); their book silently
+        diverges. order_book_<pair> (full top 100) is unaffected. Only frames that had a
+        subscriber count as lost."""
+        self._lose[pair] += count
+
+    def send_bad_frame(self, pair: str, kind: str) -> int:
+        """Fault: a corrupt frame (faults.BAD_FRAME_KINDS) on the pair's order_book_ and
+        diff_order_book_ channels. Returns the number of channels it went to."""
+        if kind not in BAD_FRAME_KINDS:
+            raise ValueError(f"unknown bad frame kind {kind!r}; expected one of {BAD_FRAME_KINDS}")
+        market = self._markets[pair]
+        sent = 0
+        microtimestamp = market.next_microtimestamp()
+        for channel in ("diff_order_book_" + pair, "order_book_" + pair):
+            if channel in self._subs:
+                self._send(channel, pair, bad_frame(kind, channel, market, microtimestamp))
+                sent += 1
+        return sent
 
     def start(self) -> None:
         for market in self._markets.values():
@@ -125,67 +156,84 @@ class ChannelHub:
         for market in self._markets.values():
             market.unsubscribe(self._on_update)
 
-    def _send(self, channel: str, frame: bytes) -> None:
+    def _send(self, channel: str, pair: str, frame: bytes) -> None:
         prepared = self._prepare(frame)
         for socket in list(self._subs.get(channel, ())):
             socket.sendPreparedMessage(prepared)
         self.frames_sent += 1
+        self.frames_by_symbol[pair] += 1
+        for listener in self.frame_listeners:
+            listener(pair, frame)
 
     def _on_update(self, update: Update) -> None:
-        diff = "diff_order_book_" + update.symbol
-        if update.symbol in self._lose:
-            self._lose.discard(update.symbol)
+        pair = update.symbol
+        diff = "diff_order_book_" + pair
+        if self._lose[pair] > 0 and diff in self._subs:
+            self._lose[pair] -= 1
+            if not self._lose[pair]:
+                del self._lose[pair]
             self.log.info("fault: lost a frame of {channel}", channel=diff)
         elif diff in self._subs:
-            self._send(diff, data_frame(diff, update.microtimestamp, update.bids, update.asks))
-        full = "order_book_" + update.symbol
+            self._send(diff, pair, data_frame(diff, update.microtimestamp, update.bids, update.asks))
+        full = "order_book_" + pair
         if full in self._subs:
-            bids, asks = self._markets[update.symbol].book.levels(TOP)
-            self._send(full, data_frame(full, update.microtimestamp, bids, asks))
+            bids, asks = self._markets[pair].book.levels(TOP)
+            self._send(full, pair, data_frame(full, update.microtimestamp, bids, asks))
 
 
-class BitstampProtocol(WebSocketServerProtocol):
+def bad_frame(kind: str, channel: str, market: Market, microtimestamp: int) -> bytes:
+    """A corrupt data frame for `channel` (faults.BAD_FRAME_KINDS)."""
+    bids, _ = market.book.levels(1)
+    price, amount = bids[0] if bids else ("1.00", "1.00000000")
+    timestamp, micro = _timestamps(microtimestamp)
+    data: dict[str, Any] = {"timestamp": timestamp, "microtimestamp": micro, "bids": [], "asks": []}
+    if kind == "malformed_json":
+        data["bids"] = [[price, amount]]
+        text = orjson.dumps({"data": data, "channel": channel, "event": "data"})
+        return text[: len(text) // 2]
+    if kind == "nan_price":
+        data["bids"] = [["NaN", amount]]
+    elif kind == "inf_price":
+        data["bids"] = [["Infinity", amount]]
+    elif kind == "zero_price":
+        data["bids"] = [["0", amount]]
+    elif kind == "negative_amount":
+        data["bids"] = [[price, "-" + amount]]
+    elif kind == "wrong_types":
+        data["microtimestamp"] = [micro]
+        data["bids"] = [[[price], 1.0]]
+    elif kind == "unknown_event":
+        return orjson.dumps({"event": "bts:order_book_v9", "channel": channel, "data": {}})
+    else:
+        raise ValueError(f"unknown bad frame kind {kind!r}")
+    return orjson.dumps({"data": data, "channel": channel, "event": "data"})
+
+
+class BitstampProtocol(SimServerProtocol):
     """One client of wss://ws.bitstamp.net."""
 
-    # Autobahn uses self.log (a txaio logger) internally: ours gets another name.
-    _log = Logger()
     factory: "BitstampWebSocketFactory"
 
     def connectionMade(self) -> None:
         self.channels: dict[str, None] = {}
         super().connectionMade()
-        try:
-            self.transport.setTcpNoDelay(True)
-        except (AttributeError, OSError):
-            pass
-        self.factory.connections.add(self, self.transport)
 
-    def connectionLost(self, reason: Any = None) -> None:
-        try:
-            super().connectionLost(reason)
-        finally:
-            self.factory.hub.drop(self, self.channels)
-            self.channels.clear()
-            self.factory.connections.discard(self)
-
-    def sendPreparedMessage(self, preparedMsg: Any) -> None:
-        # Hubs broadcast to every subscriber; once a close handshake has begun, data frames
-        # would be a protocol error, so they are skipped here.
-        if self.state == self.STATE_OPEN:
-            super().sendPreparedMessage(preparedMsg)
+    def release(self) -> None:
+        self.factory.hub.drop(self, self.channels)
+        self.channels.clear()
 
     def onConnect(self, request: ConnectionRequest) -> None:
         return None  # any path: the real endpoint is used as "/" or without a path
 
     def _reply(self, event: str, channel: str, data: Any) -> None:
-        if self.state != self.STATE_OPEN:
-            return
-        self.sendMessage(orjson.dumps({"event": event, "channel": channel, "data": data}), isBinary=False)
+        self.reply(orjson.dumps({"event": event, "channel": channel, "data": data}))
 
     def _error(self, message: str) -> None:
         self._reply("bts:error", "", {"code": None, "message": message})
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.state != self.STATE_OPEN:
+            return
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError:
@@ -222,26 +270,50 @@ class BitstampProtocol(WebSocketServerProtocol):
         self._log.debug("bitstamp client {peer} {event} {channel}", peer=self.peer, event=event, channel=channel)
 
 
-class BitstampWebSocketFactory(WebSocketServerFactory):
+class BitstampWebSocketFactory(SimServerFactory):
     protocol = BitstampProtocol
-    noisy = False
+    exchange = "bitstamp"
+    # After bts:request_reconnect with close_after, the old connections are closed with this.
+    reconnect_close = (1001, "Server maintenance")
 
-    def __init__(self, markets: Mapping[str, Market], reactor: IReactorTime):
-        super().__init__(reactor=reactor)
+    def __init__(
+        self,
+        markets: Mapping[str, Market],
+        reactor: IReactorTime,
+        on_violation: Callable[[Violation], None] | None = None,
+    ):
+        super().__init__(reactor, on_violation)
         # Bitstamp does not ping (heartbeats are client-initiated, §2.5).
         self.setProtocolOptions(tcpNoDelay=True, webStatus=False)
         self.hub = ChannelHub(markets, self.prepareMessage)
-        self.connections = ConnectionSet()
+        self._close_calls: list[Any] = []
 
-    def drop_clients(self) -> Deferred[None]:
-        return self.connections.drop_all()
-
-    def request_reconnect(self) -> None:
-        """Send bts:request_reconnect (maintenance, §2.5) to every open client."""
+    def request_reconnect(self, close_after: float | None = None) -> int:
+        """Send bts:request_reconnect (maintenance, §2.5) to every open client. The connections
+        stay open and keep getting data, so a client can open its new connection first
+        (make-before-break); with `close_after`, they are closed that many seconds later.
+        Returns how many clients were asked."""
         frame = orjson.dumps({"event": "bts:request_reconnect", "channel": "", "data": ""})
-        for protocol in self.connections:
+        asked = []
+        for protocol in self.open_protocols():
             if protocol.state == protocol.STATE_OPEN:
-                protocol.sendMessage(frame, isBinary=False)
+                protocol.reply(frame)
+                asked.append(protocol)
+        if close_after is not None and asked:
+            self._close_calls = [c for c in self._close_calls if c.active()]
+            self._close_calls.append(self.reactor.callLater(close_after, self._close_old, asked))
+        return len(asked)
+
+    def _close_old(self, protocols: list[SimServerProtocol]) -> None:
+        for protocol in protocols:
+            protocol.close_with(*self.reconnect_close)
+
+    def stop(self) -> None:
+        super().stop()
+        for call in self._close_calls:
+            if call.active():
+                call.cancel()
+        self._close_calls = []
 
 
 class BitstampRestResource(Resource):
@@ -255,6 +327,8 @@ class BitstampRestResource(Resource):
         # Bitstamp's REST JSON has spaces after ',' and ':' (unlike its websocket frames);
         # stdlib json's defaults write exactly that.
         self._pairs_body = json.dumps(pairs).encode()
+        # pair -> updates ago: the next snapshot of that pair is served stale (fault).
+        self.stale: dict[str, int] = {}
 
     def render_GET(self, request: Request) -> bytes:
         path = (request.path or b"").decode("utf-8", "replace")
@@ -267,8 +341,15 @@ class BitstampRestResource(Resource):
             request.setResponseCode(404)
             request.setHeader(b"content-type", b"text/html; charset=utf-8")
             return NOT_FOUND_HTML
-        timestamp, micro = _timestamps(market.last_microtimestamp)
-        bids, asks = market.book.levels()
+        updates_ago = self.stale.pop(market.symbol, 0)
+        if updates_ago:
+            # Fault: the book and microtimestamp as they were some change events ago.
+            book, _, microtimestamp = market.as_of(updates_ago)
+            bids, asks = book.levels()
+        else:
+            microtimestamp = market.last_microtimestamp
+            bids, asks = market.book.levels()
+        timestamp, micro = _timestamps(microtimestamp)
         body = {"timestamp": timestamp, "microtimestamp": micro, "bids": bids, "asks": asks}
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()

@@ -7,16 +7,19 @@ ids, Bitstamp microtimestamps). Sources write to markets; protocol servers liste
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
 from itertools import islice
 from operator import neg
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 from sortedcontainers import SortedDict
 
 # (price, amount) as decimal strings, exactly as sent on the wire. Amount zero = delete.
 Level = tuple[str, str]
 Listener = Callable[["Update"], None]
+# Change events a market remembers, so that a REST snapshot can be served "as of K updates ago"
+# (the stale-snapshot fault).
+HISTORY = 256
 
 
 def zero_like(amount: str) -> str:
@@ -39,9 +42,9 @@ def fixed(units: int, exponent: int, decimals: int) -> str:
     return f"{whole}.{frac}" if decimals else whole
 
 
-@dataclass(frozen=True, slots=True)
-class Update:
-    """One change event as applied to a market: everything a protocol needs to describe it."""
+class Update(NamedTuple):
+    """One change event as applied to a market: everything a protocol needs to describe it.
+    (A NamedTuple: immutable and cheap to make, which the scale source needs.)"""
 
     exchange: str
     symbol: str
@@ -68,14 +71,35 @@ class Book:
         book._asks.update(self._asks)
         return book
 
-    def apply(self, bids: Iterable[Sequence[str]], asks: Iterable[Sequence[str]]) -> None:
-        for side, levels in ((self._bids, bids), (self._asks, asks)):
+    def apply(
+        self, bids: Iterable[Sequence[str]], asks: Iterable[Sequence[str]], undo: list | None = None
+    ) -> None:
+        """Set (or, amount zero, delete) each level. With `undo`, append to it what `revert`
+        needs to take this change back."""
+        for is_bid, side, levels in ((True, self._bids, bids), (False, self._asks, asks)):
+            get = side.get
             for price, amount in levels:
+                key = float(price)
                 value = float(amount)
+                previous = get(key)
+                if undo is not None:
+                    undo.append((is_bid, key, previous))
                 if value == 0:
-                    side.pop(float(price), None)  # deleting an absent level is normal
+                    if previous is not None:  # deleting an absent level is normal
+                        del side[key]
+                elif previous is not None:
+                    dict.__setitem__(side, key, (price, amount, value))  # no new key: skip the sorted list
                 else:
-                    side[float(price)] = (price, amount, value)
+                    side[key] = (price, amount, value)
+
+    def revert(self, undo: list) -> None:
+        """Take back a change recorded by `apply(..., undo)`."""
+        for is_bid, key, previous in reversed(undo):
+            side = self._bids if is_bid else self._asks
+            if previous is None:
+                side.pop(key, None)
+            else:
+                side[key] = previous
 
     def depth(self) -> tuple[int, int]:
         return len(self._bids), len(self._asks)
@@ -126,6 +150,7 @@ class Market:
         clock: Callable[[], float],
         book: Book,
         last_update_id: int,
+        history: int = HISTORY,
     ):
         self.exchange = exchange
         self.symbol = symbol
@@ -135,6 +160,8 @@ class Market:
         # A snapshot taken before any change carries the creation time.
         self.last_microtimestamp = int(clock() * 1_000_000)
         self._listeners: list[Listener] = []
+        # (last id before, microtimestamp before, undo) of the latest change events.
+        self._history: deque | None = deque(maxlen=history) if history > 0 else None
 
     def subscribe(self, listener: Listener) -> None:
         if listener not in self._listeners:
@@ -158,15 +185,29 @@ class Market:
             return None
         bid_levels = tuple(bid_map[k] for k in sorted(bid_map, reverse=True))
         ask_levels = tuple(ask_map[k] for k in sorted(ask_map))
+        return self.apply_sorted(bid_levels, ask_levels, span)
+
+    def apply_sorted(
+        self, bid_levels: tuple[Level, ...], ask_levels: tuple[Level, ...], span: int | None = None
+    ) -> Update:
+        """`apply` for a non-empty event whose levels are already one per price, best first
+        (what generators produce): skips the normalisation."""
         span = span if span is not None else len(bid_levels) + len(ask_levels)
         if span < 1:
             raise ValueError("an update spans at least one id")
         first = self.last_update_id + 1
+        before = self.last_microtimestamp
         self.last_update_id += span
         # Reactor clock, but strictly increasing per market (hence per channel) even when many
         # events happen within one reactor tick at high speed.
-        self.last_microtimestamp = max(int(self._clock() * 1_000_000), self.last_microtimestamp + 1)
-        self.book.apply(bid_levels, ask_levels)
+        self.last_microtimestamp = max(int(self._clock() * 1_000_000), before + 1)
+        if self._history is not None:
+            undo: list = []
+            self.book.apply(bid_levels, ask_levels, undo)
+            # A tuple of tuples of atoms: the garbage collector stops tracking it.
+            self._history.append((first - 1, before, tuple(undo)))
+        else:
+            self.book.apply(bid_levels, ask_levels)
         update = Update(
             self.exchange,
             self.symbol,
@@ -179,3 +220,36 @@ class Market:
         for listener in list(self._listeners):
             listener(update)
         return update
+
+    def consume_ids(self, count: int) -> tuple[int, int]:
+        """Use up `count` update ids without changing the book (a lost or corrupted message,
+        as the skip and bad-frame faults need); returns the first and last id consumed."""
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        first = self.last_update_id + 1
+        self.last_update_id += count
+        return first, self.last_update_id
+
+    def next_microtimestamp(self) -> int:
+        """Take the next microtimestamp without changing the book (a frame that is not a change
+        event, e.g. a corrupt one, still keeps a channel's microtimestamps increasing)."""
+        self.last_microtimestamp = max(int(self._clock() * 1_000_000), self.last_microtimestamp + 1)
+        return self.last_microtimestamp
+
+    @property
+    def history_size(self) -> int:
+        """How many change events back `as_of` can go."""
+        return len(self._history) if self._history is not None else 0
+
+    def as_of(self, updates_ago: int) -> tuple[Book, int, int]:
+        """(book, last update id, microtimestamp) as they were `updates_ago` change events ago
+        (clamped to the remembered history). Ids consumed without a change are not events."""
+        if updates_ago <= 0 or not self._history:
+            return self.book.copy(), self.last_update_id, self.last_microtimestamp
+        k = min(updates_ago, len(self._history))
+        book = self.book.copy()
+        entries = list(self._history)[-k:]
+        for _, _, undo in reversed(entries):
+            book.revert(undo)
+        last_id, microtimestamp, _ = entries[0]
+        return book, last_id, microtimestamp

@@ -1,0 +1,379 @@
+"""Scale source: many generated symbols changing at a given total rate, for benchmarks and
+soak tests.
+
+N symbols named s0001usdt, s0002usdt, ... (base asset S0001, quote USDT) are listed on both
+exchanges (Binance status TRADING, Bitstamp trading Enabled). Each has a random-walk book per
+exchange with realistic ticks and sizes: a mid price drawn log-uniformly between 0.01 and
+50 000, a tick of about 10**-4 of it, level sizes worth ~2000 USDT (log-normal), a dense top of
+book. Change events hit 1-5 levels near the top; now and then the book's centre moves a tick
+(the level it moves onto is deleted), so books never cross and stay bounded.
+
+Rates are totals over all symbols, in change events per second (times `speed`): `rate` for
+Binance, `bitstamp_rate` for Bitstamp. Which symbol changes is drawn uniformly per event.
+Generation runs in a LoopingCall every `tick` seconds on the reactor clock and makes the events
+due by then (so a test driving a Clock gets exact counts); when the reactor falls behind by
+more than MAX_BACKLOG seconds' worth, the excess is skipped and counted (`stats()`), so
+the achieved rate shows what the machine sustains. The Binance server is put in batch mode for
+this source: every event is one frame with contiguous U..u, written at the end of the tick.
+
+Determinism: the n-th event of an exchange depends only on the seed and n.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from . import fixtures
+from .market import Book, Level, Market, fixed
+from .player import PlayedSource
+
+EXCHANGES = ("binance", "bitstamp")
+QUOTE = "usdt"
+DEFAULT_SYMBOLS = 200
+DEFAULT_RATE = 5000.0
+# Bitstamp's default rate: this fraction of Binance's.
+BITSTAMP_SHARE = 0.1
+DEFAULT_TICK = 0.005
+# Most events the generator catches up on after a late tick, in seconds of events.
+MAX_BACKLOG = 0.1
+# With loop=False the source stops after this many events per symbol on average.
+FINITE_CHANGES = 200
+INITIAL_DEPTH = 100  # ticks per side that may hold a level at start
+FILL = 0.85  # share of those that do
+MIN_LEVELS = 20  # deletes stop below this many levels on a side
+MOVE_PROBABILITY = 0.08  # per event: the centre moves one tick
+REVERSION = 200  # ticks: the centre is pulled back towards its start beyond ~this
+SIZES = 64  # distinct level sizes per book
+
+
+def _rng(seed: int, *parts: str) -> random.Random:
+    return random.Random((seed << 32) ^ zlib.crc32(":".join(parts).encode()))
+
+
+def scale_symbol_names(count: int) -> list[str]:
+    """s0001usdt, s0002usdt, ... (at least 4 digits)."""
+    width = max(4, len(str(count)))
+    return [f"s{i:0{width}d}{QUOTE}" for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleSpec:
+    symbol: str
+    base: str  # base asset, upper case
+    mid: float
+    tick_exp: int  # tick = 10**-tick_exp
+    size_exp: int  # lot = 10**-size_exp
+    size_median: float  # base units
+
+
+def make_specs(seed: int, count: int) -> list[ScaleSpec]:
+    rng = _rng(seed, "scale-specs")
+    specs = []
+    for symbol in scale_symbol_names(count):
+        mid = 10 ** rng.uniform(-2.0, math.log10(50_000.0))
+        tick_exp = min(max(4 - math.floor(math.log10(mid)), 0), 8)
+        size_median = 2000.0 / mid
+        size_exp = min(max(3 - math.floor(math.log10(size_median)), 0), 8)
+        specs.append(ScaleSpec(symbol, symbol[: -len(QUOTE)].upper(), mid, tick_exp, size_exp, size_median))
+    return specs
+
+
+def binance_listing(spec: ScaleSpec) -> dict:
+    entry = copy.deepcopy(fixtures.binance_symbol_entry("ETHBTC") or {})
+    tick = fixed(1, spec.tick_exp, 8)
+    step = fixed(1, spec.size_exp, 8)
+    entry.update(
+        symbol=spec.symbol.upper(),
+        status="TRADING",
+        baseAsset=spec.base,
+        quoteAsset=QUOTE.upper(),
+        permissions=["SPOT"],
+        filters=[
+            {"filterType": "PRICE_FILTER", "minPrice": tick, "maxPrice": "1000000.00000000", "tickSize": tick},
+            {"filterType": "LOT_SIZE", "minQty": step, "maxQty": "9000000.00000000", "stepSize": step},
+        ],
+    )
+    return entry
+
+
+def bitstamp_listing(spec: ScaleSpec) -> dict:
+    return {
+        "trading": "Enabled",
+        "base_decimals": 8,
+        "url_symbol": spec.symbol,
+        "name": f"{spec.base}/{QUOTE.upper()}",
+        "instant_and_market_orders": "Enabled",
+        "minimum_order": f"10.0 {QUOTE.upper()}",
+        "counter_decimals": spec.tick_exp,
+        "description": f"{spec.base} / Tether",
+    }
+
+
+# Signed distances from the centre of the levels an event touches, drawn once: negative = bid,
+# positive = ask; |d| = 1 + geometric with mean ~3 ticks (mostly near the top).
+_OFFSETS_RNG = random.Random(20240611)
+OFFSETS = tuple(
+    (1 + int(_OFFSETS_RNG.expovariate(1 / 3.0))) * (1 if i % 2 else -1) for i in range(1024)
+)
+
+
+class ScaleBookMaker:
+    """Change events of one generated book. Prices are integer ticks around a centre `c`:
+    bids below it, asks above it."""
+
+    def __init__(self, spec: ScaleSpec, rng: random.Random, price_decimals: int, amount_decimals: int):
+        self.spec = spec
+        self.c0 = self.c = max(round(spec.mid * 10**spec.tick_exp), INITIAL_DEPTH + REVERSION + 10)
+        self._price_decimals = price_decimals
+        self._zero = fixed(0, 0, amount_decimals)
+        self._prices: dict[int, str] = {}
+        self.sizes = tuple(
+            fixed(
+                max(1, round(spec.size_median * rng.lognormvariate(0.0, 0.8) * 10**spec.size_exp)),
+                spec.size_exp,
+                amount_decimals,
+            )
+            for _ in range(SIZES)
+        )
+        self.bids: set[int] = set()
+        self.asks: set[int] = set()
+        self._initial: tuple[list[Level], list[Level]] = ([], [])
+        for d in range(1, INITIAL_DEPTH + 1):
+            if rng.random() < FILL or d == 1:
+                self.bids.add(self.c - d)
+                self._initial[0].append((self.price(self.c - d), self.sizes[rng.randrange(SIZES)]))
+            if rng.random() < FILL or d == 1:
+                self.asks.add(self.c + d)
+                self._initial[1].append((self.price(self.c + d), self.sizes[rng.randrange(SIZES)]))
+
+    def price(self, tick: int) -> str:
+        text = self._prices.get(tick)
+        if text is None:
+            text = self._prices[tick] = fixed(tick, self.spec.tick_exp, self._price_decimals)
+        return text
+
+    def initial_levels(self) -> tuple[list[Level], list[Level]]:
+        return self._initial
+
+    def step(self, rng: random.Random) -> tuple[tuple[Level, ...], tuple[Level, ...]]:
+        """One change event: (bids best first, asks best first), one level per price."""
+        r = rng.random
+        zero = self._zero
+        sizes = self.sizes
+        bids, asks = self.bids, self.asks
+        changed_bids: dict[int, str] = {}
+        changed_asks: dict[int, str] = {}
+        n = 1 + int(r() * 5)
+        if r() < MOVE_PROBABILITY:
+            n -= 1
+            if r() < 0.5 - (self.c - self.c0) / (2.0 * REVERSION):
+                self.c += 1
+                if self.c in asks:
+                    asks.discard(self.c)
+                    changed_asks[self.c] = zero
+            else:
+                self.c -= 1
+                if self.c in bids:
+                    bids.discard(self.c)
+                    changed_bids[self.c] = zero
+        c = self.c
+        for _ in range(n):
+            x = r()
+            offset = OFFSETS[int(x * 1024)]
+            tick = c + offset
+            if offset < 0:
+                side, changed = bids, changed_bids
+            else:
+                side, changed = asks, changed_asks
+            if tick in changed:
+                continue
+            # The fraction of x left after picking the offset decides delete vs set.
+            if tick in side and (x * 1024) % 1.0 < 0.3 and len(side) > MIN_LEVELS:
+                side.discard(tick)
+                changed[tick] = zero
+            else:
+                side.add(tick)
+                changed[tick] = sizes[int(r() * SIZES)]
+        if not changed_bids and not changed_asks:
+            tick = c - 1
+            bids.add(tick)
+            changed_bids[tick] = sizes[int(r() * SIZES)]
+        prices = self._prices
+        price = self.price
+        out_bids: tuple[Level, ...] = ()
+        out_asks: tuple[Level, ...] = ()
+        if changed_bids:
+            out_bids = tuple([(prices.get(t) or price(t), changed_bids[t]) for t in sorted(changed_bids, reverse=True)])
+        if changed_asks:
+            out_asks = tuple([(prices.get(t) or price(t), changed_asks[t]) for t in sorted(changed_asks)])
+        return out_bids, out_asks
+
+
+class _Stream:
+    """The generator of one exchange: its books, RNG, rate and counters."""
+
+    def __init__(self, exchange: str, rate: float, rng: random.Random):
+        self.exchange = exchange
+        self.rate = rate
+        self.rng = rng
+        self.books: list[tuple[ScaleBookMaker, Market]] = []
+        self.generated = 0
+        self.skipped = 0
+
+    def run(self, played: float) -> None:
+        due = int(played * self.rate) - self.generated - self.skipped
+        if due <= 0:
+            return
+        cap = max(1, int(self.rate * MAX_BACKLOG))
+        if due > cap:
+            self.skipped += due - cap
+            due = cap
+        rng = self.rng
+        r = rng.random
+        books = self.books
+        n = len(books)
+        for _ in range(due):
+            maker, market = books[int(r() * n)]
+            bids, asks = maker.step(rng)
+            market.apply_sorted(bids, asks)
+        self.generated += due
+
+
+class ScaleSource(PlayedSource):
+    """Generated symbols on both exchanges (see the module docstring)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        seed: int = 1,
+        symbols: int = DEFAULT_SYMBOLS,
+        rate: float = DEFAULT_RATE,
+        bitstamp_rate: float | None = None,
+        speed: float = 1.0,
+        loop: bool = True,
+        tick: float = DEFAULT_TICK,
+    ):
+        super().__init__()
+        if symbols < 1:
+            raise ValueError("scale mode needs at least one symbol")
+        if not rate > 0:
+            raise ValueError("rate must be > 0")
+        if bitstamp_rate is None:
+            bitstamp_rate = rate * BITSTAMP_SHARE
+        if bitstamp_rate < 0:
+            raise ValueError("bitstamp_rate must be >= 0")
+        if not tick > 0:
+            raise ValueError("tick must be > 0")
+        self._clock = clock
+        self.speed = speed
+        self.tick = tick
+        self.symbol_count = symbols
+        self.specs = make_specs(seed, symbols)
+        self.listings: dict[str, dict[str, dict]] = {e: {} for e in EXCHANGES}
+        self._streams = {
+            "binance": _Stream("binance", rate, _rng(seed, "scale", "binance")),
+            "bitstamp": _Stream("bitstamp", bitstamp_rate, _rng(seed, "scale", "bitstamp")),
+        }
+        for spec in self.specs:
+            for exchange in EXCHANGES:
+                rng = _rng(seed, "scale-book", exchange, spec.symbol)
+                if exchange == "binance":
+                    # Binance writes every number with 8 decimals (PROTOCOLS §1.5).
+                    maker = ScaleBookMaker(spec, rng, 8, 8)
+                    first_id = rng.randrange(10**8, 10**9)
+                    self.listings[exchange][spec.symbol] = binance_listing(spec)
+                else:
+                    maker = ScaleBookMaker(spec, rng, spec.tick_exp, 8)
+                    first_id = 0
+                    self.listings[exchange][spec.symbol] = bitstamp_listing(spec)
+                bids, asks = maker.initial_levels()
+                market = Market(exchange, spec.symbol, clock.seconds, Book(bids, asks), first_id)
+                self.markets[(exchange, spec.symbol)] = market
+                self._streams[exchange].books.append((maker, market))
+        self._duration = None if loop else FINITE_CHANGES * symbols / rate
+        self.played = 0.0  # scale seconds generated so far
+        self._last = 0.0
+        self._loop: LoopingCall | None = None
+        self._started = False
+        self._paused = False
+        self._finished = False
+        # Called after each tick's events (the Binance hub writes its batch).
+        self.tick_listeners: list[Callable[[], Any]] = []
+
+    # ------------------------------------------------------------ PlayedSource
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._last = self._clock.seconds()
+        if not self._finished:
+            self._loop = LoopingCall(self.run_tick)
+            self._loop.clock = self._clock
+            self._loop.start(self.tick, now=False)
+
+    def stop(self) -> None:
+        self._started = False
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def pause(self) -> None:
+        if not self._paused:
+            self.run_tick()  # generate what was due up to now
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._last = self._clock.seconds()
+
+    # ------------------------------------------------------------ generation
+
+    def run_tick(self) -> None:
+        """Generate every event due by now (called by the LoopingCall)."""
+        now = self._clock.seconds()
+        elapsed, self._last = now - self._last, now
+        if self._paused or not self._started or self._finished:
+            return
+        self.played += elapsed * self.speed
+        if self._duration is not None and self.played >= self._duration:
+            self.played = self._duration
+            self._finished = True
+        for stream in self._streams.values():
+            stream.run(self.played)
+        for listener in self.tick_listeners:
+            listener()
+        if self._finished:
+            self.log.info("scale source finished after {s:.1f} s", s=self.played)
+            if self._loop is not None and self._loop.running:
+                self._loop.stop()
+            self._loop = None
+
+    def stats(self) -> dict[str, Any]:
+        """Per exchange: target rate, events generated, events skipped because the reactor was
+        late, and the achieved rate over the scale time played."""
+        out: dict[str, Any] = {"symbols": self.symbol_count, "played": self.played, "tick": self.tick}
+        for exchange, stream in self._streams.items():
+            out[exchange] = {
+                "rate": stream.rate * self.speed,
+                "generated": stream.generated,
+                "skipped": stream.skipped,
+                "achieved_rate": stream.generated / self.played * self.speed if self.played else 0.0,
+            }
+        return out
