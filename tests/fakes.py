@@ -94,3 +94,34 @@ def publish(book, bids, asks) -> None:
     """What a feed does with a verified snapshot: set the levels, vouch for them."""
     book.replace(bids, asks)
     book.mark_live()
+
+
+class FeedHarness:
+    """A feed with one connection opened by hand: no sockets, time on a Clock."""
+
+    REST = "http://rest.test"
+
+    def __init__(self, feed_class, symbols=("ethbtc",), start_time: float = 0.0):
+        from twisted.internet.task import Clock
+
+        from aggregator.merger import ExchangeBook
+
+        self.clock = Clock()
+        self.clock.advance(start_time)
+        self.http = FakeHttp()
+        self.feed = feed_class("ws://ws.test", self.REST, reactor=self.clock, http=self.http)
+        self.changes: list = []
+        self.books = {}
+        for symbol in symbols:
+            self.books[symbol] = ExchangeBook(self.feed.name, symbol, self.changes.append)
+            self.feed.watch(self.books[symbol])
+        self.clock.advance(0)  # places the symbols on a connection
+        if not self.feed.connections:
+            self.feed._add_connection()
+        self.connection = self.feed.connections[0]
+        self.protocol = FakeProtocol()
+        self.connection.connection_opened(self.protocol)
+        self.clock.advance(0)
+
+    def receive(self, payload: bytes) -> None:
+        self.connection.message_received(payload)

@@ -1,12 +1,11 @@
 import orjson
 import pytest
-from twisted.internet.task import Clock
 
 from aggregator.book import BookState
 from aggregator.exchanges.binance import BinanceFeed
 from aggregator.merger import ExchangeBook
 from tests import recorded
-from tests.fakes import FakeHttp, FakeProtocol
+from tests.fakes import FakeProtocol, FeedHarness
 
 REST = "http://rest.test"
 
@@ -22,26 +21,9 @@ def snapshot(last_update_id, bids=(), asks=()):
             "asks": [list(a) for a in asks]}
 
 
-class Harness:
+class Harness(FeedHarness):
     def __init__(self, symbols=("ethbtc",)):
-        self.clock = Clock()
-        self.http = FakeHttp()
-        self.feed = BinanceFeed("ws://ws.test", REST, reactor=self.clock, http=self.http)
-        self.changes = []
-        self.books = {}
-        for symbol in symbols:
-            self.books[symbol] = ExchangeBook("binance", symbol, self.changes.append)
-            self.feed.watch(self.books[symbol])
-        self.clock.advance(0)  # places the symbols on a connection
-        if not self.feed.connections:
-            self.feed._add_connection()
-        self.connection = self.feed.connections[0]
-        self.protocol = FakeProtocol()
-        self.connection.connection_opened(self.protocol)
-        self.clock.advance(0)
-
-    def receive(self, payload: bytes) -> None:
-        self.connection.message_received(payload)
+        super().__init__(BinanceFeed, symbols)
 
     def ack_all(self):
         for frame in self.protocol.frames():

@@ -1,12 +1,10 @@
 import orjson
 import pytest
-from twisted.internet.task import Clock
 
 from aggregator.book import BookState
 from aggregator.exchanges.bitstamp import BitstampFeed
-from aggregator.merger import ExchangeBook
 from tests import recorded
-from tests.fakes import FakeHttp, FakeProtocol
+from tests.fakes import FakeProtocol, FeedHarness
 
 REST = "http://rest.test"
 
@@ -17,26 +15,9 @@ def book_message(pair, micros, bids=(), asks=()):
                          "channel": f"order_book_{pair}", "event": "data"})
 
 
-class Harness:
+class Harness(FeedHarness):
     def __init__(self, symbols=("ethbtc",)):
-        self.clock = Clock()
-        self.clock.advance(1700000000)
-        self.http = FakeHttp()
-        self.feed = BitstampFeed("ws://ws.test", REST, reactor=self.clock, http=self.http)
-        self.books = {}
-        for symbol in symbols:
-            self.books[symbol] = ExchangeBook("bitstamp", symbol, lambda s: None)
-            self.feed.watch(self.books[symbol])
-        self.clock.advance(0)  # places the symbols on a connection
-        if not self.feed.connections:
-            self.feed._add_connection()
-        self.connection = self.feed.connections[0]
-        self.protocol = FakeProtocol()
-        self.connection.connection_opened(self.protocol)
-        self.clock.advance(0)
-
-    def receive(self, payload: bytes) -> None:
-        self.connection.message_received(payload)
+        super().__init__(BitstampFeed, symbols, start_time=1700000000)
 
 
 def test_subscribes_order_book_channel_and_seeds_from_rest_with_cache_buster():
