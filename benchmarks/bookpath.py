@@ -1,0 +1,442 @@
+"""Book-apply cost: µs per Binance diff message through the daemon's own code path, in one
+process, no sockets:
+
+    frame bytes → ExchangeFeed.frame_received (orjson, counters) → BinanceFeed.handle →
+    DepthSync (ids) → OrderBook.apply → Merger re-merge of the live books' top 10 (a Binance
+    and a Bitstamp book per symbol) → Summary serialized once → offered to one subscriber
+
+on a message sequence made of the recorded Binance traffic (aggregator/simulator/fixtures,
+4 symbols) and of synthetic frames of the scale source (the benchmark's simulator), each
+symbol starting from its snapshot. The same frames go through cryptofeed's Binance book
+handler (`Binance.message_handler`: JSON decode with Decimal, id checks, book update, book
+callback), if cryptofeed is installed (`pip install '.[bench]'`), starting from the same
+snapshots.
+
+Best of several rounds (each from fresh books): the least disturbed by the machine's noise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Callable
+
+import orjson
+
+from aggregator.simulator import fixtures
+
+Level = tuple[str, str]
+
+
+@dataclass
+class Sequence:
+    """Snapshots (per lowercase symbol) and the frames that follow them, in order."""
+
+    name: str
+    exchange_info: dict
+    snapshots: dict[str, dict] = field(default_factory=dict)  # {"lastUpdateId", "bids", "asks"}
+    bitstamp: dict[str, tuple[list[Level], list[Level]]] = field(default_factory=dict)
+    frames: list[bytes] = field(default_factory=list)
+
+
+def recorded_sequence() -> Sequence:
+    """The recorded depth frames (raw, as received) after their symbol's REST snapshot."""
+    recording = fixtures.binance_recording()
+    seq = Sequence("recorded", recording.exchange_info)
+    for symbol, snap in recording.snapshots.items():
+        seq.snapshots[symbol] = {
+            "lastUpdateId": snap.last_update_id,
+            "bids": [list(level) for level in snap.bids],
+            "asks": [list(level) for level in snap.asks],
+        }
+    for line in fixtures.read_lines("BINANCE.ws.1.0"):
+        if line.kind != "recv":
+            continue
+        message = orjson.loads(line.body)
+        data = message.get("data") if isinstance(message, dict) else None
+        if isinstance(data, dict) and data.get("e") == "depthUpdate":
+            symbol = data["s"].lower()
+            if symbol in seq.snapshots and data["u"] > seq.snapshots[symbol]["lastUpdateId"]:
+                seq.frames.append(line.body.encode() if isinstance(line.body, str) else line.body)
+    # A Bitstamp book per symbol, so the merge has two books like in the daemon.
+    for symbol, snap in seq.snapshots.items():
+        seq.bitstamp[symbol] = _shifted(snap)
+    return seq
+
+
+def synthetic_sequence(symbols: int, messages: int, seed: int = 7) -> Sequence:
+    """Frames of the simulator's scale source (one change event per frame, as the benchmark's
+    simulator sends them, send-time field included), generated on a fake clock."""
+    from twisted.internet.task import Clock
+
+    from aggregator.simulator import binance as sim_binance
+    from aggregator.simulator.scale import ScaleSource
+
+    clock = Clock()
+    clock.advance(1_700_000_000.0)
+    rate = 10_000.0
+    source = ScaleSource(clock, seed=seed, symbols=symbols, rate=rate, bitstamp_rate=0.0, tick=0.01)
+    exchange_info = {
+        "rateLimits": [],
+        "symbols": [source.listings["binance"][s] for s in sorted(source.listings["binance"])],
+    }
+    seq = Sequence("synthetic", exchange_info)
+    send_time_field = getattr(sim_binance, "SEND_TIME_FIELD", "simSendTime")
+    for (exchange, symbol), market in source.markets.items():
+        bids, asks = market.book.levels()
+        if exchange == "binance":
+            seq.snapshots[symbol] = {
+                "lastUpdateId": market.last_update_id,
+                "bids": [list(level) for level in bids],
+                "asks": [list(level) for level in asks],
+            }
+        else:
+            seq.bitstamp[symbol] = (list(bids), list(asks))
+    dumps = orjson.dumps
+
+    def on_update(update: Any) -> None:
+        if len(seq.frames) >= messages:
+            return
+        seq.frames.append(
+            dumps(
+                {
+                    "stream": f"{update.symbol}@depth@100ms",
+                    "data": {
+                        "e": "depthUpdate",
+                        "E": int(clock.seconds() * 1000),
+                        "s": update.symbol.upper(),
+                        "U": update.first_id,
+                        "u": update.last_id,
+                        "b": update.bids,
+                        "a": update.asks,
+                        send_time_field: clock.seconds(),
+                    },
+                }
+            )
+        )
+
+    for (exchange, _), market in source.markets.items():
+        if exchange == "binance":
+            market.subscribe(on_update)
+    source.start()
+    while len(seq.frames) < messages:
+        clock.advance(0.01)
+    source.stop()
+    return seq
+
+
+def _shifted(snapshot: dict) -> tuple[list[Level], list[Level]]:
+    """A plausible second exchange's book: the same levels, one price step apart."""
+    bids = [(repr(float(p) * 0.99995), a) for p, a in snapshot["bids"][:100]]
+    asks = [(repr(float(p) * 1.00005), a) for p, a in snapshot["asks"][:100]]
+    return bids, asks
+
+
+def combined(*sequences: Sequence) -> Sequence:
+    out = Sequence("+".join(s.name for s in sequences), {"rateLimits": [], "symbols": []})
+    for s in sequences:
+        out.exchange_info["symbols"] += s.exchange_info.get("symbols", [])
+        out.snapshots.update(s.snapshots)
+        out.bitstamp.update(s.bitstamp)
+        out.frames += s.frames
+    return out
+
+
+# -- our path -------------------------------------------------------------------------------
+
+
+class _Http:
+    """JsonHttp stand-in: answers every GET at once from prepared documents."""
+
+    class _Limiter:
+        def set_budget(self, weight_per_minute: float) -> None:
+            pass
+
+    def __init__(self, documents: Callable[[str], Any]) -> None:
+        self.documents = documents
+        self.limiter = self._Limiter()
+
+    def get_json(self, url: str, weight: float = 1.0) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(self.documents(url))
+
+    def close(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+class _Protocol:
+    """What a Connection needs of its websocket protocol."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def sendMessage(self, payload: bytes, isBinary: bool = False) -> None:
+        self.sent.append(payload)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        pass
+
+
+class _StaticFeed:
+    """A second exchange whose books are a fixed snapshot, live at once."""
+
+    name = "bitstamp"
+
+    def __init__(self, books: dict[str, tuple[list[Level], list[Level]]]) -> None:
+        self._books = books
+
+    def listed_symbols(self) -> frozenset[str]:
+        return frozenset(self._books)
+
+    def when_symbols_loaded(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+    def watch(self, book: Any) -> None:
+        bids, asks = self._books[book.symbol]
+        book.replace([(float(p), float(a)) for p, a in bids], [(float(p), float(a)) for p, a in asks])
+        book.mark_live()
+
+    def unwatch(self, symbol: str) -> None:
+        pass
+
+
+class OurPath:
+    """The daemon's feed + merger wired as in the daemon, minus the sockets."""
+
+    def __init__(self, seq: Sequence) -> None:
+        from twisted.application.service import Service
+        from twisted.internet.task import Clock
+
+        from aggregator.exchanges.binance import BinanceFeed
+        from aggregator.merger import Merger
+
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000.0)
+        rest = "http://rest.invalid"
+
+        def documents(url: str) -> Any:
+            if "/exchangeInfo" in url:
+                return seq.exchange_info
+            symbol = url.split("symbol=")[1].split("&")[0].lower()
+            return seq.snapshots[symbol]
+
+        self.feed = BinanceFeed("ws://ws.invalid", rest, reactor=self.clock, http=_Http(documents))
+        # Running, as far as the feed's own bookkeeping goes, without its connections being
+        # started (the base Service's startService only marks it running).
+        Service.startService(self.feed)
+        # As if exchangeInfo had just been loaded (the feed's own parsing of it).
+        self.feed._symbol_list_loaded(seq.exchange_info)
+        if self.feed.listed_symbols() is None:
+            raise RuntimeError("book path: the feed did not take the symbol list")
+        self.merger = Merger([self.feed, _StaticFeed(seq.bitstamp)], depth=10)
+        self.merger.startService()
+        self.delivered = 0
+        for symbol in seq.snapshots:
+            self._drain(self.merger.subscribe(symbol))
+        self.clock.advance(0)  # demand → connections
+        for connection in self.feed.connections:
+            protocol = _Protocol()
+            connection.connection_opened(protocol)
+            self.clock.advance(0)
+            for _ in range(len(connection.symbols)):
+                # Every SUBSCRIBE acknowledged (frames are paced: advance the clock).
+                for payload in protocol.sent:
+                    request = orjson.loads(payload)
+                    if request.get("method") == "SUBSCRIBE":
+                        connection.message_received(orjson.dumps({"result": None, "id": request["id"]}))
+                protocol.sent.clear()
+                if not connection.sending:
+                    break
+                self.clock.advance(1.0)
+        self.connections = {}
+        for connection in self.feed.connections:
+            for symbol in connection.symbols:
+                self.connections[symbol] = connection
+        not_live = [s for s, b in self.feed.books.items() if not b.live]
+        if not_live:
+            raise RuntimeError(f"book path: {len(not_live)} books did not go live, e.g. {not_live[0]}")
+
+    def _drain(self, subscription: Any) -> None:
+        def got(summary: Any) -> None:
+            if summary is not None:
+                self.delivered += 1
+                self._drain(subscription)
+
+        subscription.next().addCallback(got)
+
+    def run(self, frames: list[bytes], symbols: list[str]) -> float:
+        """Seconds to push every frame through the path."""
+        receive = [self.connections[s].message_received for s in symbols]
+        perf = time.perf_counter
+        start = perf()
+        for frame, message_received in zip(frames, receive):
+            message_received(frame)
+        return perf() - start
+
+
+def _frame_symbols(frames: list[bytes]) -> list[str]:
+    return [orjson.loads(f)["stream"].partition("@")[0] for f in frames]
+
+
+def measure_ours(seq: Sequence, rounds: int) -> dict[str, Any]:
+    symbols = _frame_symbols(seq.frames)
+    best = float("inf")
+    delivered = 0
+    for _ in range(rounds):
+        path = OurPath(seq)
+        gc.collect()
+        best = min(best, path.run(seq.frames, symbols))
+        delivered = path.delivered
+        stale = [s for s, b in path.feed.books.items() if not b.live]
+        if stale:
+            raise RuntimeError(f"book path: {len(stale)} books went stale, e.g. {stale[0]}")
+    return {"us_per_msg": best / len(seq.frames) * 1e6, "messages": len(seq.frames), "summaries": delivered}
+
+
+# -- the floor: decode + apply + top 10, nothing else ----------------------------------------
+
+
+def measure_floor(seq: Sequence, rounds: int) -> dict[str, Any]:
+    """The least any Python book path does per message: orjson decode, float parse, a
+    SortedDict side per book, the top 10 of both sides read back. No ids, no validation,
+    no merge, no serialization."""
+    from sortedcontainers import SortedDict
+
+    best = float("inf")
+    for _ in range(rounds):
+        books = {
+            symbol: (
+                SortedDict({float(p): float(a) for p, a in snap["bids"]}),
+                SortedDict({float(p): float(a) for p, a in snap["asks"]}),
+            )
+            for symbol, snap in seq.snapshots.items()
+        }
+        loads = orjson.loads
+        gc.collect()
+        perf = time.perf_counter
+        start = perf()
+        for frame in seq.frames:
+            data = loads(frame)["data"]
+            bids, asks = books[data["s"].lower()]
+            for side, levels in ((bids, data["b"]), (asks, data["a"])):
+                for p, a in levels:
+                    p, a = float(p), float(a)
+                    if a > 0.0:
+                        side[p] = a
+                    else:
+                        side.pop(p, None)
+            top_b = [(p, bids[p]) for p in bids.keys()[-10:]]
+            top_a = [(p, asks[p]) for p in asks.keys()[:10]]
+        best = min(best, perf() - start)
+        del top_b, top_a
+    return {"us_per_msg": best / len(seq.frames) * 1e6}
+
+
+# -- cryptofeed -----------------------------------------------------------------------------
+
+
+def cryptofeed_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("cryptofeed")
+    except Exception:
+        return None
+
+
+def measure_cryptofeed(seq: Sequence, rounds: int) -> dict[str, Any]:
+    from cryptofeed.defines import L2_BOOK
+    from cryptofeed.exchanges import Binance
+    from cryptofeed.symbols import Symbols
+    from cryptofeed.types import OrderBook
+
+    Symbols.set(Binance.id, *Binance._parse_symbol_data(seq.exchange_info))
+    to_std = {exchange: std for std, exchange in Symbols.get(Binance.id)[0].items()}
+    callbacks = [0]
+
+    async def on_book(book: Any, receipt_timestamp: float) -> None:
+        callbacks[0] += 1
+
+    texts = [f.decode() for f in seq.frames]
+    best = float("inf")
+    for _ in range(rounds):
+        std_symbols = {symbol: to_std[symbol.upper()] for symbol in seq.snapshots}
+        feed = Binance(symbols=sorted(set(std_symbols.values())), channels=[L2_BOOK], callbacks={L2_BOOK: on_book})
+        for symbol, snap in seq.snapshots.items():
+            std = std_symbols[symbol]
+            feed.last_update_id[std] = snap["lastUpdateId"]
+            feed._l2_book[std] = OrderBook(
+                feed.id,
+                std,
+                max_depth=feed.max_depth,
+                bids={Decimal(p): Decimal(a) for p, a in snap["bids"]},
+                asks={Decimal(p): Decimal(a) for p, a in snap["asks"]},
+            )
+        callbacks[0] = 0
+
+        async def run() -> float:
+            handler = feed.message_handler
+            perf = time.perf_counter
+            now = time.time()
+            start = perf()
+            for text in texts:
+                await handler(text, None, now)
+            return perf() - start
+
+        gc.collect()
+        loop = asyncio.new_event_loop()
+        try:
+            best = min(best, loop.run_until_complete(run()))
+        finally:
+            loop.close()
+    if callbacks[0] != len(texts):
+        raise RuntimeError(f"cryptofeed applied {callbacks[0]} of {len(texts)} messages (a reset?)")
+    return {"us_per_msg": best / len(texts) * 1e6, "messages": len(texts)}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    rounds = 3 if quick else 7
+    synthetic = synthetic_sequence(symbols=50 if quick else 200, messages=5_000 if quick else 40_000)
+    recorded = recorded_sequence()
+    seq = combined(recorded, synthetic)
+    result: dict[str, Any] = {
+        "messages": len(seq.frames),
+        "recorded_messages": len(recorded.frames),
+        "synthetic_messages": len(synthetic.frames),
+        "symbols": len(seq.snapshots),
+        "rounds": rounds,
+    }
+    ours = measure_ours(seq, rounds)
+    result["ours_us_per_msg"] = ours["us_per_msg"]
+    result["ours_summaries"] = ours["summaries"]
+    result["ours_recorded_us_per_msg"] = measure_ours(recorded, rounds)["us_per_msg"]
+    result["floor_us_per_msg"] = measure_floor(seq, rounds)["us_per_msg"]
+    version = cryptofeed_version()
+    result["cryptofeed_version"] = version
+    if version is None:
+        result["cryptofeed_skipped"] = "cryptofeed is not installed (pip install '.[bench]')"
+        result["cryptofeed_us_per_msg"] = None
+    else:
+        try:
+            cf = measure_cryptofeed(seq, rounds)
+            result["cryptofeed_us_per_msg"] = cf["us_per_msg"]
+            result["cryptofeed_recorded_us_per_msg"] = measure_cryptofeed(recorded, rounds)["us_per_msg"]
+        except Exception as error:  # an incompatible cryptofeed: say so, do not fail the suite
+            result["cryptofeed_skipped"] = f"cryptofeed {version} failed: {error!r}"
+            result["cryptofeed_us_per_msg"] = None
+    return result
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2))
