@@ -156,14 +156,21 @@ def merge_top(
     larger amount first, then the exchange name, so the order is total and the
     result deterministic.
     """
-    bids: list[MergedLevel] = []
-    asks: list[MergedLevel] = []
-    for name, book_bids, book_asks in tops:
-        bids.extend((name, p, a) for p, a in book_bids)
-        asks.extend((name, p, a) for p, a in book_asks)
-    bids.sort(key=lambda level: (-level[1], -level[2], level[0]))
-    asks.sort(key=lambda level: (level[1], -level[2], level[0]))
-    return bids[:depth], asks[:depth]
+    tops = list(tops)
+    if len(tops) == 1:
+        # One live book: already in order (a book has one level per price).
+        name, book_bids, book_asks = tops[0]
+        return (
+            [(name, p, a) for p, a in book_bids[:depth]],
+            [(name, p, a) for p, a in book_asks[:depth]],
+        )
+    # Sort plain tuples whose natural order is the merge order (no key function).
+    bids = sorted((-p, -a, name) for name, book_bids, _ in tops for p, a in book_bids)
+    asks = sorted((p, -a, name) for name, _, book_asks in tops for p, a in book_asks)
+    return (
+        [(name, -p, -a) for p, a, name in bids[:depth]],
+        [(name, p, -a) for p, a, name in asks[:depth]],
+    )
 
 
 def spread_of(bids: list[MergedLevel], asks: list[MergedLevel]) -> float:
@@ -276,7 +283,7 @@ class Subscription:
 
 
 class _SymbolState:
-    __slots__ = ("books", "subscriptions", "refs", "published", "shown", "summary")
+    __slots__ = ("books", "subscriptions", "refs", "published", "shown", "published_at", "summary")
 
     def __init__(self) -> None:
         self.books: dict[str, ExchangeBook] = {}
@@ -285,7 +292,15 @@ class _SymbolState:
         self.published: tuple[list[MergedLevel], list[MergedLevel]] = ([], [])
         # The exchanges' states as `summary` shows them.
         self.shown: tuple[ExchangeStatus, ...] = ()
-        self.summary = serialize_summary([], [], (), _wall_clock_us())
+        self.published_at = _wall_clock_us()
+        # `published` serialized; None until someone needs the bytes (a symbol
+        # held by --symbols alone has no subscriber to send them to).
+        self.summary: bytes | None = None
+
+    def serialized(self) -> bytes:
+        if self.summary is None:
+            self.summary = serialize_summary(*self.published, self.shown, self.published_at)
+        return self.summary
 
     def statuses(self) -> tuple[ExchangeStatus, ...]:
         return tuple(
@@ -396,7 +411,7 @@ class Merger(Service):
             self._publish(state, state.published, None)
         subscription = Subscription(symbol, self._unsubscribe)
         state.subscriptions.add(subscription)
-        subscription.offer(state.summary)
+        subscription.offer(state.serialized())
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
@@ -434,7 +449,7 @@ class Merger(Service):
 
     def current_summary(self, symbol: str) -> bytes | None:
         state = self._symbols.get(symbol)
-        return state.summary if state else None
+        return state.serialized() if state else None
 
     def _book_changed(self, changed: ExchangeBook) -> None:
         # Taken whether or not this change publishes: the mark belongs to the
@@ -469,7 +484,11 @@ class Merger(Service):
     ) -> None:
         state.published = merged
         state.shown = state.statuses()
-        state.summary = summary = serialize_summary(*merged, state.shown, _wall_clock_us())
+        state.published_at = _wall_clock_us()
+        state.summary = None
+        if not state.subscriptions:
+            return
+        summary = state.serialized()
         conflated = 0
         for subscription in state.subscriptions:
             conflated += subscription.offer(summary, arrival)

@@ -213,3 +213,21 @@ def test_stop_ends_streams_after_pending_summary(feeds):
     ended = []
     subscription.next().addCallback(ended.append)
     assert ended == [None]
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_merge_top_matches_a_plain_sort_of_all_levels(seed):
+    import random
+
+    from aggregator.merger import merge_top
+
+    rng = random.Random(seed)
+    tops = []
+    for name in ("binance", "bitstamp", "kraken")[: rng.randint(1, 3)]:
+        bid_prices = sorted({round(rng.uniform(1, 2), 2) for _ in range(rng.randint(0, 15))}, reverse=True)
+        ask_prices = sorted({round(rng.uniform(1.5, 2.5), 2) for _ in range(rng.randint(0, 15))})
+        tops.append((name, [(p, float(rng.choice([1, 2, 3]))) for p in bid_prices],
+                     [(p, float(rng.choice([1, 2, 3]))) for p in ask_prices]))
+    bids = sorted(((n, p, a) for n, b, _ in tops for p, a in b), key=lambda l: (-l[1], -l[2], l[0]))
+    asks = sorted(((n, p, a) for n, _, s in tops for p, a in s), key=lambda l: (l[1], -l[2], l[0]))
+    assert merge_top(tops, 10) == (bids[:10], asks[:10])
