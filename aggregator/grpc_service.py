@@ -137,9 +137,13 @@ class AggregatorServicer:
             self.log.info("stream opened: {symbol} for {peer}", symbol=symbol, peer=peer)
             loop = asyncio.get_running_loop()
             while True:
-                summary = await subscription.next().asFuture(loop)
+                # A busy stream usually has its next Summary waiting: take it
+                # without the Deferred → Future round trip.
+                summary = subscription.take()
                 if summary is None:
-                    return
+                    summary = await subscription.next().asFuture(loop)
+                    if summary is None:
+                        return
                 self._count_sent(subscription.arrival)
                 yield summary
         finally:

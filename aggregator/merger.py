@@ -249,12 +249,19 @@ class Subscription:
         self._pending_arrival = arrival
         return superseded
 
-    def next(self) -> Deferred:
-        """Fires with the next serialized Summary, or None once ended."""
-        if self._pending is not None:
-            summary, self._pending = self._pending, None
+    def take(self) -> bytes | None:
+        """The pending Summary if there is one, without waiting."""
+        summary = self._pending
+        if summary is not None:
+            self._pending = None
             self.delivered += 1
             self.arrival = self._pending_arrival
+        return summary
+
+    def next(self) -> Deferred:
+        """Fires with the next serialized Summary, or None once ended."""
+        summary = self.take()
+        if summary is not None:
             return succeed(summary)
         if self._ended:
             return succeed(None)
