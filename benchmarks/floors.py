@@ -24,19 +24,10 @@ import sys
 import time
 from typing import Any
 
+from aggregator.simulator.wsserver import ws_frame
+
 
 # -- blaster: pre-framed frames as fast as the socket takes them ---------------------------
-
-
-def _ws_frame(payload: bytes) -> bytes:
-    import struct
-
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
 
 
 class _Blast(asyncio.Protocol):
@@ -90,7 +81,7 @@ class _Blast(asyncio.Protocol):
 async def _blaster(symbols: int, messages: int) -> None:
     from benchmarks.bookpath import synthetic_sequence
 
-    frames = [_ws_frame(f) for f in synthetic_sequence(symbols, messages).frames]
+    frames = [ws_frame(f) for f in synthetic_sequence(symbols, messages).frames]
     chunks = [b"".join(frames[i : i + 512]) for i in range(0, len(frames), 512)]
     size = sum(len(f) for f in frames) / len(frames)
     loop = asyncio.get_running_loop()
