@@ -176,6 +176,9 @@ def test_symbols_beyond_one_connection_open_more_connections(no_sockets):
 def test_bitstamp_book_verified_against_newer_rest_snapshot():
     feed, clock, http, books = make_feed(BitstampFeed)
     protocol = open_connection(feed.connections[0])
+    clock.advance(1)
+    feed.connections[0].message_received(
+        b'{"event":"bts:subscription_succeeded","channel":"order_book_ethbtc","data":{}}')
     http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
         "microtimestamp": "1000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
     assert books["ethbtc"].state is BookState.LIVE

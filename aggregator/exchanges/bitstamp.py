@@ -6,9 +6,10 @@ checksum, so a lost diff can never be detected and the book would drift
 silently. Every `order_book_` message is the whole top 100 — far deeper than
 the top 10 we serve — so each one proves the book afresh. The channel sends
 nothing until the book next changes (quiet pairs stay silent for 30 s and
-more), hence the REST snapshot at subscribe time; and since a channel that
-silently stopped would look exactly like a quiet pair, each book is also
-compared with a fresh REST snapshot every few minutes. Facts: PROTOCOLS.md §2.
+more), hence the REST snapshot once the subscription is acknowledged; and
+since a channel that silently stopped would look exactly like a quiet pair,
+each book is also compared with a fresh REST snapshot every few minutes.
+Facts: PROTOCOLS.md §2.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class BitstampFeed(ExchangeFeed):
         # Per pair: microtimestamp of the levels the book holds (0 = none yet).
         self.book_time: dict[str, int] = {}
         self._snapshot_requests: dict[str, Any] = {}
+        self._awaiting_seed: dict[str, Connection] = {}  # subscribed, not yet acknowledged
         self._verified_at: dict[str, float] = {}
         self._verifier: LoopingCall | None = None
         self._crossed: set[str] = set()
@@ -85,7 +87,10 @@ class BitstampFeed(ExchangeFeed):
             if not handover:
                 self.forget_symbol(symbol)
                 self.book_time[symbol] = 0
-                self._fetch_snapshot(symbol, "snapshot")
+                # Seeded once the subscription is acknowledged: a snapshot taken
+                # earlier could miss a change made before the channel started,
+                # and a quiet pair might not change again for a long time.
+                self._awaiting_seed[symbol] = connection
 
     def stop_symbols(self, connection: Connection, symbols: list[str]) -> None:
         for symbol in symbols:
@@ -93,6 +98,7 @@ class BitstampFeed(ExchangeFeed):
 
     def forget_symbol(self, symbol: str) -> None:
         self.book_time.pop(symbol, None)
+        self._awaiting_seed.pop(symbol, None)
         self._verified_at.pop(symbol, None)
         self._crossed.discard(symbol)
         request = self._snapshot_requests.pop(symbol, None)
@@ -186,7 +192,12 @@ class BitstampFeed(ExchangeFeed):
             self.rotate(connection, "bitstamp asked us to reconnect")
         elif event == "bts:error":
             self.reject("error_reply", "bitstamp: error reply {data!r}", data=message.get("data"))
-        elif event in ("bts:subscription_succeeded", "bts:unsubscription_succeeded", "bts:heartbeat"):
+        elif event == "bts:subscription_succeeded" and channel.startswith(CHANNEL_PREFIX):
+            symbol = channel[len(CHANNEL_PREFIX):]
+            if self._awaiting_seed.get(symbol) is connection:
+                del self._awaiting_seed[symbol]
+                self._fetch_snapshot(symbol, "snapshot")
+        elif event in ("bts:unsubscription_succeeded", "bts:heartbeat"):
             pass
         else:
             self.reject("unexpected", "bitstamp: unexpected event {event!r}", event=event)
