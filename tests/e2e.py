@@ -27,14 +27,6 @@ def reference_top(books: dict, depth: int = DEPTH):
     return bids[:depth], asks[:depth]
 
 
-def apply(side: dict, levels) -> None:
-    for price, amount in levels:
-        if float(amount) == 0:
-            side.pop(float(price), None)
-        else:
-            side[float(price)] = float(amount)
-
-
 def as_tuples(summary):
     return ([(l.exchange, l.price, l.amount) for l in summary.bids],
             [(l.exchange, l.price, l.amount) for l in summary.asks])

@@ -15,7 +15,8 @@ from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc
 from aggregator.simulator import SimulatorService
 from tests import recorded
 from tests.aio import aio, wait_until
-from tests.e2e import DEPTH, Watcher, apply, as_tuples, expected_from_simulator, reference_top, start_daemon
+from tests.simclient import Reference
+from tests.e2e import DEPTH, Watcher, as_tuples, expected_from_simulator, reference_top, start_daemon
 
 
 def recorded_binance_books() -> dict:
@@ -23,9 +24,7 @@ def recorded_binance_books() -> dict:
     for line in recorded.read("BINANCE.http.0.0"):
         symbol = line.url.split("symbol=")[1].split("&")[0].lower()
         snapshot = orjson.loads(line.payload)
-        books[symbol] = ({}, {})
-        apply(books[symbol][0], snapshot["bids"])
-        apply(books[symbol][1], snapshot["asks"])
+        books[symbol] = Reference(snapshot["bids"], snapshot["asks"])
         last_ids[symbol] = snapshot["lastUpdateId"]
     for line in recorded.read("BINANCE.ws.1.0"):
         if line.kind != "recv":
@@ -36,9 +35,8 @@ def recorded_binance_books() -> dict:
         data = message["data"]
         symbol = data["s"].lower()
         if data["u"] > last_ids[symbol]:
-            apply(books[symbol][0], data["b"])
-            apply(books[symbol][1], data["a"])
-    return books
+            books[symbol].apply(data["b"], data["a"])
+    return {symbol: book.sides for symbol, book in books.items()}
 
 
 def recorded_bitstamp_books() -> dict:
@@ -46,9 +44,7 @@ def recorded_bitstamp_books() -> dict:
     for line in recorded.read("BITSTAMP.http.0.0"):
         pair = line.url.rstrip("/").rsplit("/", 1)[1]
         snapshot = orjson.loads(line.payload)
-        books[pair] = ({}, {})
-        apply(books[pair][0], snapshot["bids"])
-        apply(books[pair][1], snapshot["asks"])
+        books[pair] = Reference(snapshot["bids"], snapshot["asks"])
         times[pair] = int(snapshot["microtimestamp"])
     for line in recorded.read("BITSTAMP.ws.1.0"):
         if line.kind != "recv":
@@ -58,9 +54,8 @@ def recorded_bitstamp_books() -> dict:
             continue
         pair = message["channel"][len("diff_order_book_"):]
         if int(message["data"]["microtimestamp"]) > times[pair]:
-            apply(books[pair][0], message["data"]["bids"])
-            apply(books[pair][1], message["data"]["asks"])
-    return books
+            books[pair].apply(message["data"]["bids"], message["data"]["asks"])
+    return {pair: book.sides for pair, book in books.items()}
 
 
 @pytest_twisted.ensureDeferred

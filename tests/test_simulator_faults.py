@@ -10,21 +10,16 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, Iterator
 
 import orjson
 import pytest
 import pytest_twisted
-import treq
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.internet.address import IPv4Address
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.web.client import HTTPConnectionPool
 from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 from txaio.testutil import replace_loop
@@ -36,8 +31,8 @@ from aggregator.simulator.faults import BAD_FRAME_KINDS
 from aggregator.simulator.market import Book, Market
 from aggregator.simulator.rest import RestGate, WeightLimiter
 from aggregator.simulator.service import RANDOM_FAULTS, parse_fault_names
+from tests.simclient import TIMEOUT, _reactor, connect, get, running, sleep, until
 
-TIMEOUT = 3.0
 
 
 class FakeSocket:
@@ -504,113 +499,6 @@ def test_fault_argument_checks():
 # ------------------------------------------------------------------ loopback
 
 
-def _reactor() -> Any:
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    _reactor().callLater(seconds, d.callback, None)
-    await d
-
-
-class Client(WebSocketClientProtocol):
-    """Keeps raw payloads (bad frames need not parse), pongs, and how the connection closed."""
-
-    def connectionMade(self) -> None:
-        self.raw: defer.DeferredQueue = defer.DeferredQueue()
-        self.pongs: list[bytes] = []
-        self.opened: defer.Deferred = defer.Deferred()
-        self.closed: defer.Deferred = defer.Deferred()
-        self.close_code: int | None = None
-        self.close_reason: str | None = None
-        super().connectionMade()
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.raw.put(payload)
-
-    def onPong(self, payload: bytes) -> None:
-        self.pongs.append(payload)
-
-    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-        self.close_code, self.close_reason = code, reason
-
-    def connectionLost(self, reason: Any = None) -> None:
-        super().connectionLost(reason)
-        if not self.opened.called:
-            self.opened.errback(reason)
-        self.closed.callback(None)
-
-    def send(self, message: Any) -> None:
-        self.sendMessage(orjson.dumps(message), isBinary=False)
-
-    async def next_raw(self, timeout: float = TIMEOUT) -> bytes:
-        return await self.raw.get().addTimeout(timeout, _reactor())
-
-    async def next(self, timeout: float = TIMEOUT) -> Any:
-        return orjson.loads(await self.next_raw(timeout))
-
-    async def next_data(self, timeout: float = TIMEOUT) -> Any:
-        while True:
-            message = await self.next(timeout)
-            if "stream" in message or message.get("event") == "data":
-                return message
-
-    def pending(self) -> list[bytes]:
-        out = []
-        while self.raw.pending:
-            out.append(self.raw.pending.pop(0))
-        return out
-
-    async def close(self) -> None:
-        if not self.closed.called:
-            self.transport.loseConnection()
-        await self.closed
-
-
-async def connect(url: str) -> Client:
-    host, port = url.split("//")[1].split("/")[0].split(":")
-    factory = WebSocketClientFactory(url)
-    factory.protocol = Client
-    client = await TCP4ClientEndpoint(_reactor(), host, int(port), timeout=TIMEOUT).connect(factory)
-    await client.opened.addTimeout(TIMEOUT, _reactor())
-    return client
-
-
-@contextlib.asynccontextmanager
-async def running(**kwargs: Any) -> AsyncIterator[SimulatorService]:
-    reactor = _reactor()
-    before = set(reactor.getDelayedCalls())
-    sim = SimulatorService(**kwargs)
-    sim.startService()
-    try:
-        yield sim
-    finally:
-        await sim.stopService()
-        assert sim.connection_count == 0
-        await sleep(0.01)
-        leftover = [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
-        assert leftover == [], leftover
-
-
-async def until(predicate: Any, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await sleep(0.01)
-
-
-async def get(url: str, method: str = "GET") -> tuple[int, Any, bytes]:
-    pool = HTTPConnectionPool(_reactor(), persistent=False)
-    response = await treq.request(method, url, pool=pool, timeout=TIMEOUT)
-    return response.code, response.headers, await response.content()
-
-
 @pytest_twisted.ensureDeferred
 async def test_loopback_drop_skip_bad_frames_and_close_codes():
     async with running(source="synthetic", speed=4.0) as sim:
@@ -670,7 +558,7 @@ async def test_loopback_stall_and_too_many_messages():
         await sleep(0.3)
         assert old.pongs == [] and not old.closed.called
         # Nothing but what was already in flight when the stall began.
-        assert all(orjson.loads(raw)["data"]["u"] <= stalled_at for raw in old.pending())
+        assert all(m["data"]["u"] <= stalled_at for m in old.pending())
         await until(lambda: old.pongs == [b"alive?"])  # answered once the stall ended (0.5 s)
         while (data := (await old.next_data())["data"])["U"] <= stalled_at:
             last = data["u"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import orjson
 import pytest
@@ -14,24 +13,8 @@ from aggregator.simulator import SimulatorService
 from aggregator.simulator.binance import SEND_TIME_FIELD
 from aggregator.simulator.scale import FINITE_CHANGES, MAX_BACKLOG, scale_symbol_names
 
-from tests.test_simulator_faults import TIMEOUT, _Conn, clocked, connect, get, running, sleep
-
-
-class Reference:
-    def __init__(self, bids: Any, asks: Any) -> None:
-        self.sides: tuple[dict[float, float], dict[float, float]] = ({}, {})
-        self.apply(bids, asks)
-
-    def apply(self, bids: Any, asks: Any) -> None:
-        for side, levels in zip(self.sides, (bids, asks)):
-            for p, a in levels:
-                if float(a) == 0:
-                    side.pop(float(p), None)
-                else:
-                    side[float(p)] = float(a)
-
-    def lists(self) -> tuple[list, list]:
-        return sorted(self.sides[0].items(), reverse=True), sorted(self.sides[1].items())
+from tests.simclient import TIMEOUT, Reference, connect, get, running, sleep
+from tests.test_simulator_faults import _Conn, clocked
 
 
 def _data_frames(conn: _Conn) -> list[dict]:
@@ -169,7 +152,7 @@ async def test_scale_over_loopback_listing_frames_and_sync():
         applied = 0
         frames = [first]
         while last < target:
-            frames += [orjson.loads(raw) for raw in client.pending()]
+            frames += client.pending()
             for frame in frames:
                 data = frame["data"]
                 if data["u"] <= last:

@@ -7,142 +7,24 @@ or connections behind.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, AsyncIterator
-from urllib.parse import urlsplit
+from typing import Any
 
 import orjson
 import pytest
 import pytest_twisted
 import treq
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer
-from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.web.client import HTTPConnectionPool
 
 from aggregator.simulator import SimulatorService
+from tests.simclient import TIMEOUT, Client, Reference, _reactor, connect, get, running, sleep
 
-TIMEOUT = 3.0
-
-
-def _reactor():
-    from twisted.internet import reactor
-
-    return reactor
-
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    _reactor().callLater(seconds, d.callback, None)
-    await d
-
-
-class Client(WebSocketClientProtocol):
-    def connectionMade(self) -> None:
-        self.messages: defer.DeferredQueue = defer.DeferredQueue()
-        self.opened: defer.Deferred = defer.Deferred()
-        self.closed: defer.Deferred = defer.Deferred()
-        super().connectionMade()
-
-    def onOpen(self) -> None:
-        self.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.messages.put(orjson.loads(payload))
-
-    def connectionLost(self, reason: Any = None) -> None:
-        super().connectionLost(reason)
-        if not self.opened.called:
-            self.opened.errback(reason)
-        self.closed.callback(None)
-
-    def send(self, message: Any) -> None:
-        self.sendMessage(message if isinstance(message, bytes) else orjson.dumps(message), isBinary=False)
-
-    async def next(self, timeout: float = TIMEOUT) -> Any:
-        return await self.messages.get().addTimeout(timeout, _reactor())
-
-    async def next_matching(self, predicate: Any, timeout: float = TIMEOUT) -> Any:
-        while True:
-            message = await self.next(timeout)
-            if predicate(message):
-                return message
-
-    def pending(self) -> list:
-        """Messages received and not yet read."""
-        out = []
-        while self.messages.pending:
-            out.append(self.messages.pending.pop(0))
-        return out
-
-    async def close(self) -> None:
-        if not self.closed.called:
-            self.transport.loseConnection()
-        await self.closed
-
-
-async def connect(url: str) -> Client:
-    parts = urlsplit(url)
-    factory = WebSocketClientFactory(url)
-    factory.protocol = Client
-    endpoint = TCP4ClientEndpoint(_reactor(), parts.hostname, parts.port, timeout=TIMEOUT)
-    client = await endpoint.connect(factory)
-    await client.opened.addTimeout(TIMEOUT, _reactor())
-    return client
-
-
-@contextlib.asynccontextmanager
-async def running(**kwargs: Any) -> AsyncIterator[SimulatorService]:
-    reactor = _reactor()
-    before = set(reactor.getDelayedCalls())
-    sim = SimulatorService(**kwargs)  # reactor=None: the global (asyncio) reactor
-    sim.startService()
-    try:
-        yield sim
-    finally:
-        await sim.stopService()
-        assert sim.connection_count == 0
-        # Let client-side connectionLost handlers run, then nothing of ours is left ticking.
-        await sleep(0.01)
-        leftover = [c for c in reactor.getDelayedCalls() if c not in before and c.active()]
-        assert leftover == [], leftover
-
-
-class Reference:
-    """A minimal local book for checking the simulator: float price -> float amount."""
-
-    def __init__(self, bids: list, asks: list) -> None:
-        self.bids: dict[float, float] = {}
-        self.asks: dict[float, float] = {}
-        self.apply(bids, asks)
-
-    def apply(self, bids: list, asks: list) -> None:
-        for side, levels in ((self.bids, bids), (self.asks, asks)):
-            for p, a in levels:
-                if float(a) == 0:
-                    side.pop(float(p), None)
-                else:
-                    side[float(p)] = float(a)
-
-    def lists(self) -> tuple[list, list]:
-        return sorted(self.bids.items(), reverse=True), sorted(self.asks.items())
-
-
-async def get_json(url: str, **kwargs: Any) -> tuple[int, Any, Any]:
-    pool = HTTPConnectionPool(_reactor(), persistent=False)
-    response = await treq.get(url, pool=pool, timeout=TIMEOUT, **kwargs)
-    body = await response.content()
-    return response.code, response.headers, body
-
-
-# ------------------------------------------------------------------ Binance
 
 
 async def binance_sync(sim: SimulatorService, client: Client, symbol: str) -> Reference:
     """PROTOCOLS §1.7 against the simulator: buffer, snapshot, drop u <= L, check U == last+1,
     until the simulator is paused and everything it applied has been received; returns the book."""
     first = await client.next_matching(lambda m: "stream" in m)
-    _, _, body = await get_json(f"{sim.urls['binance_rest_url']}/api/v3/depth?symbol={symbol.upper()}&limit=5000")
+    _, _, body = await get(f"{sim.urls['binance_rest_url']}/api/v3/depth?symbol={symbol.upper()}&limit=5000")
     snap = orjson.loads(body)
     last = snap["lastUpdateId"]
     assert last >= first["data"]["U"] - 1
@@ -256,7 +138,7 @@ async def test_binance_other_paths_are_refused():
 async def test_binance_rest():
     async with running(source="both", speed=1.0) as sim:
         base = sim.urls["binance_rest_url"]
-        code, headers, body = await get_json(base + "/api/v3/exchangeInfo")
+        code, headers, body = await get(base + "/api/v3/exchangeInfo")
         info = orjson.loads(body)
         assert code == 200 and headers.getRawHeaders("content-type")[0].startswith("application/json")
         assert {"timezone", "serverTime", "rateLimits", "exchangeFilters", "symbols"} <= set(info)
@@ -268,14 +150,14 @@ async def test_binance_rest():
         assert (nkn["baseAsset"], nkn["quoteAsset"]) == ("NKN", "USDT")
         assert any(f["filterType"] == "PRICE_FILTER" for f in nkn["filters"])
 
-        code, headers, body = await get_json(base + "/api/v3/depth?symbol=ETHBTC&limit=5")
+        code, headers, body = await get(base + "/api/v3/depth?symbol=ETHBTC&limit=5")
         depth = orjson.loads(body)
         assert code == 200 and list(depth) == ["lastUpdateId", "bids", "asks"]
         assert len(depth["bids"]) == len(depth["asks"]) == 5
         assert headers.getRawHeaders("x-mbx-used-weight-1m")
-        code, _, body = await get_json(base + "/api/v3/depth?symbol=NKNUSDT")
+        code, _, body = await get(base + "/api/v3/depth?symbol=NKNUSDT")
         assert code == 200 and len(orjson.loads(body)["asks"]) == 100  # default limit
-        code, _, body = await get_json(base + "/api/v3/depth?symbol=NKNUSDT&limit=5000")
+        code, _, body = await get(base + "/api/v3/depth?symbol=NKNUSDT&limit=5000")
         assert len(orjson.loads(body)["asks"]) == 1000  # the whole recorded book
 
         for query, err in (
@@ -284,15 +166,15 @@ async def test_binance_rest():
             ("", -1102),
             ("symbol=ETHBTC&limit=x", -1100),
         ):
-            code, headers, body = await get_json(base + "/api/v3/depth?" + query)
+            code, headers, body = await get(base + "/api/v3/depth?" + query)
             assert code == 400 and orjson.loads(body)["code"] == err, query
-        code, _, body = await get_json(base + "/api/v3/depth?symbol=FOOBAR")
+        code, _, body = await get(base + "/api/v3/depth?symbol=FOOBAR")
         assert orjson.loads(body) == {"code": -1121, "msg": "Invalid symbol."}
-        code, _, _ = await get_json(base + "/api/v3/nothing")
+        code, _, _ = await get(base + "/api/v3/nothing")
         assert code == 404
-        code, _, body = await get_json(base + '/api/v3/exchangeInfo?symbols=["LRCBTC","ETHBTC"]')
+        code, _, body = await get(base + '/api/v3/exchangeInfo?symbols=["LRCBTC","ETHBTC"]')
         assert [s["symbol"] for s in orjson.loads(body)["symbols"]] == ["LRCBTC", "ETHBTC"]
-        code, _, body = await get_json(base + "/api/v3/exchangeInfo?symbol=FOOBAR")
+        code, _, body = await get(base + "/api/v3/exchangeInfo?symbol=FOOBAR")
         assert code == 400 and orjson.loads(body)["code"] == -1121
 
 
@@ -315,7 +197,7 @@ async def test_bitstamp_channels_and_sync_reproduce_true_book():
                 "data": {},
             }
         first = await client.next_matching(lambda m: m["channel"] == "diff_order_book_ethbtc")
-        code, _, body = await get_json(f"{sim.urls['bitstamp_rest_url']}/api/v2/order_book/ethbtc/?_=1")
+        code, _, body = await get(f"{sim.urls['bitstamp_rest_url']}/api/v2/order_book/ethbtc/?_=1")
         snap = orjson.loads(body)
         assert code == 200 and int(snap["timestamp"]) == int(snap["microtimestamp"]) // 10**6
         s = int(snap["microtimestamp"])
@@ -386,7 +268,7 @@ async def test_bitstamp_control_messages_and_errors():
 async def test_bitstamp_rest():
     async with running(source="both") as sim:
         base = sim.urls["bitstamp_rest_url"]
-        code, headers, body = await get_json(base + "/api/v2/trading-pairs-info/")
+        code, headers, body = await get(base + "/api/v2/trading-pairs-info/")
         pairs = orjson.loads(body)
         assert code == 200 and headers.getRawHeaders("content-type") == ["application/json"]
         assert sorted(p["url_symbol"] for p in pairs) == sim.symbols("bitstamp")
@@ -394,12 +276,12 @@ async def test_bitstamp_rest():
         assert eth["name"] == "ETH/BTC" and eth["trading"] == "Enabled"
         assert {"base_decimals", "counter_decimals"} <= set(eth)
         for path in ("/api/v2/order_book/ethusd", "/api/v2/order_book/ethusd/", "/api/v2/order_book/ethusd/?_=123"):
-            code, _, body = await get_json(base + path)
+            code, _, body = await get(base + path)
             snap = orjson.loads(body)
             assert code == 200 and list(snap) == ["timestamp", "microtimestamp", "bids", "asks"], path
         assert len(snap["bids"]) >= 2023 - 100  # the full book, not a top 100
         assert body.startswith(b'{"timestamp": "')  # Bitstamp REST style: spaces after separators
-        code, headers, body = await get_json(base + "/api/v2/order_book/foobar/")
+        code, headers, body = await get(base + "/api/v2/order_book/foobar/")
         assert code == 404 and b"<html" in body.lower()
         assert headers.getRawHeaders("content-type")[0].startswith("text/html")
 
