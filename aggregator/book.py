@@ -1,16 +1,27 @@
-"""One exchange's order book for one symbol: two sorted sides, validated levels.
+"""One exchange's order book for one symbol: two sorted sides, validated
+levels (`OrderBook`), and the handle a venue's sync drives (`ExchangeBook`).
 
 Knows nothing about exchanges or the network. Prices and amounts are floats
 (the gRPC wire type); the feeds parse the exchanges' decimal strings into
 floats before handing levels over.
+
+A book update is a transaction (docs/DESIGN.md, "A book update is a
+transaction"): the sync changes `ExchangeBook.book` freely, runs every check
+of its venue, and only then commits (the listener — the merger — is told) or
+withdraws the book. Nothing reads the levels between two notifications, so no
+client can see a state the sync would have rejected.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Sequence
+import re
+from typing import Callable, Iterable, Sequence
 
 from sortedcontainers import SortedDict
+from twisted.logger import Logger
+
+from aggregator import metrics
 
 Level = tuple[float, float]
 """(price, amount)."""
@@ -41,16 +52,38 @@ def check_level(price: float, amount: float) -> None:
         raise InvalidLevel(f"invalid level price={price!r} amount={amount!r}")
 
 
-def parse_levels(raw: Iterable[Sequence[object]]) -> list[Level]:
+# What a venue's decimal text may look like: digits with an optional
+# fraction and exponent. float() alone also takes "1_000", " 12", "+5",
+# "inf" and "nan", none of which a venue ever sends.
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?")
+
+
+def parse_number(raw: object) -> float:
+    """A venue's decimal string (or JSON number) → float; InvalidLevel otherwise."""
+    if isinstance(raw, str):
+        if _DECIMAL.fullmatch(raw):
+            return float(raw)
+    elif isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return float(raw)
+    raise InvalidLevel(f"not a decimal number: {raw!r}")
+
+
+def parse_levels(raw: object) -> list[Level]:
     """[[price, amount], ...] as decimal strings (or numbers) → floats.
 
-    Raises InvalidLevel for anything unparsable; range checks (NaN, inf,
-    negative) are the book's, done when the levels are applied.
+    Each level must be a two-element list: a bare string where a pair
+    belongs is rejected, not read character by character. Raises
+    InvalidLevel for anything else; range checks (NaN, inf, negative) are
+    the book's, done when the levels are applied.
     """
-    try:
-        return [(float(entry[0]), float(entry[1])) for entry in raw]  # type: ignore[arg-type]
-    except (TypeError, ValueError, IndexError, KeyError) as error:
-        raise InvalidLevel(f"unparsable levels: {error}") from None
+    if type(raw) is not list:
+        raise InvalidLevel(f"levels must be a list, not {type(raw).__name__}")
+    levels = []
+    for entry in raw:
+        if type(entry) is not list or len(entry) != 2:
+            raise InvalidLevel(f"a level must be a [price, amount] pair: {entry!r}")
+        levels.append((parse_number(entry[0]), parse_number(entry[1])))
+    return levels
 
 
 class OrderBook:
@@ -149,3 +182,91 @@ def _apply_side(side: SortedDict, levels: Sequence[Level]) -> None:
             side[price] = amount
         else:
             side.pop(price, None)
+
+
+BookListener = Callable[["ExchangeBook", "float | None"], None]
+"""listener(book, arrival): a live book's levels or state changed. `arrival`
+is the reactor time the frame that caused it arrived at, None when no frame
+did (a snapshot, a withdrawal): then no latency is measured."""
+
+
+class ExchangeBook:
+    """One exchange's book for one symbol, with its sync state.
+
+    The handle a venue's sync drives: change `book` (the levels), then
+    commit() the transaction, go_live() once it vouches for the levels, or
+    withdraw() them. Every state change is logged once, with its reason.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self, exchange: str, symbol: str, listener: BookListener, depth: int = 10
+    ) -> None:
+        self.exchange = exchange
+        self.symbol = symbol
+        # Levels per side the merge takes from this book: the sync must keep
+        # at least this many exact (see OrderBook.thinner_than).
+        self.depth = depth
+        self.book = OrderBook()
+        # This book's top `depth` levels as the merged book last saw them
+        # (None while not live): most diffs only touch deeper levels, and then
+        # nothing needs re-merging. Owned by the listener.
+        self.merged_top: tuple[list[Level], list[Level]] | None = None
+        self.state = BookState.SYNCING
+        self.reason = "subscribing"
+        self._listener = listener
+        metrics.BOOK_STATE.labels(exchange, symbol).state(self.state.value)
+
+    @property
+    def live(self) -> bool:
+        return self.state is BookState.LIVE
+
+    def commit(self, arrival: float | None) -> None:
+        """The levels passed every check: a live book publishes them."""
+        if self.state is BookState.LIVE:
+            self._listener(self, arrival)
+
+    def go_live(self, arrival: float | None = None) -> None:
+        """The sync vouches for the levels: they take part in the merge."""
+        self._set_state(BookState.LIVE, "in sync")
+        self._listener(self, arrival)
+
+    def mark_syncing(self, reason: str) -> None:
+        self.withdraw(BookState.SYNCING, reason)
+
+    def mark_stale(self, reason: str) -> None:
+        self.withdraw(BookState.STALE, reason)
+
+    def withdraw(self, state: BookState, reason: str) -> None:
+        """The sync cannot vouch for the levels: clear them and leave the merge."""
+        was_live = self.live
+        self.book.clear()
+        self._set_state(state, reason)
+        if was_live:
+            self._listener(self, None)
+
+    def _set_state(self, state: BookState, reason: str) -> None:
+        if state is self.state:
+            # Already logged as a transition; the reason clients see follows
+            # (a refused subscription while syncing, say) without a new line.
+            self.reason = reason if state is not BookState.LIVE else self.reason
+            return
+        self.log.info(
+            "{exchange} {symbol}: {old} -> {new} ({reason})",
+            exchange=self.exchange,
+            symbol=self.symbol,
+            old=self.state.value,
+            new=state.value,
+            reason=reason,
+        )
+        self.state = state
+        self.reason = reason
+        metrics.BOOK_STATE.labels(self.exchange, self.symbol).state(state.value)
+
+    def discard(self) -> None:
+        """Nobody watches the symbol any more: forget its metric."""
+        try:
+            metrics.BOOK_STATE.remove(self.exchange, self.symbol)
+        except KeyError:
+            pass

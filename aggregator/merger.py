@@ -1,6 +1,7 @@
 """The merged book per symbol, the symbol demand, and the fan-out to subscribers.
 
-Feeds push into ExchangeBook handles; every change re-merges the top N of the
+Feeds drive ExchangeBook handles (aggregator/book.py), which tell the merger
+of every committed change; every change re-merges the top N of the
 symbol's *live* books from scratch (never patching a possibly stale merged
 copy), and only a merged top N that actually changed is serialized — once —
 and offered to the symbol's subscribers, each of which keeps only the latest.
@@ -18,7 +19,7 @@ from twisted.logger import Logger
 
 from aggregator import metrics
 from aggregator._proto import orderbook_pb2
-from aggregator.book import BookState, Level, OrderBook
+from aggregator.book import BookState, ExchangeBook, Level
 from aggregator.wire import encode_summary
 
 MergedLevel = tuple[str, float, float]
@@ -53,98 +54,6 @@ class Feed(Protocol):
 
     def unwatch(self, symbol: str) -> None:
         """Stop: nobody needs the symbol any more."""
-
-
-class ExchangeBook:
-    """One exchange's book for one symbol, with its sync state.
-
-    The handle a feed drives: replace()/apply() the levels, mark_syncing() /
-    mark_stale() when it cannot vouch for them. Every state change is logged
-    once, with its reason.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        exchange: str,
-        symbol: str,
-        on_change: Callable[[ExchangeBook], None],
-        depth: int = 10,
-    ) -> None:
-        self.exchange = exchange
-        self.symbol = symbol
-        # Levels per side the merge takes from this book: the feed must keep
-        # at least this many exact (see OrderBook.thinner_than).
-        self.depth = depth
-        self.book = OrderBook()
-        # This book's top `depth` levels as the merged book last saw them
-        # (None while not live): most diffs only touch deeper levels, and then
-        # nothing needs re-merging.
-        self.merged_top: tuple[list[Level], list[Level]] | None = None
-        self.state = BookState.SYNCING
-        self.reason = "subscribing"
-        self._on_change = on_change
-        metrics.BOOK_STATE.labels(exchange, symbol).state(self.state.value)
-
-    @property
-    def live(self) -> bool:
-        return self.state is BookState.LIVE
-
-    def replace(
-        self, bids: Iterable[Level], asks: Iterable[Level], truncated_at: int | None = None
-    ) -> None:
-        """Become these levels (a snapshot). Raises InvalidLevel (book unchanged)."""
-        self.book.replace(bids, asks, truncated_at)
-        if self.state is BookState.LIVE:
-            self._on_change(self)
-
-    def apply(self, bids: list[Level], asks: list[Level]) -> None:
-        """An in-sequence update. Raises InvalidLevel (book unchanged)."""
-        self.book.apply(bids, asks)
-        if self.state is BookState.LIVE:
-            self._on_change(self)
-
-    def mark_live(self) -> None:
-        """The feed vouches for the levels: they take part in the merge."""
-        if self.state is not BookState.LIVE:
-            self._set_state(BookState.LIVE, "in sync")
-            self._on_change(self)
-
-    def mark_syncing(self, reason: str) -> None:
-        self._withdraw(BookState.SYNCING, reason)
-
-    def mark_stale(self, reason: str) -> None:
-        self._withdraw(BookState.STALE, reason)
-
-    def _withdraw(self, state: BookState, reason: str) -> None:
-        was_live = self.live
-        self.book.clear()
-        self._set_state(state, reason)
-        if was_live:
-            self._on_change(self)
-
-    def _set_state(self, state: BookState, reason: str) -> None:
-        if state is self.state:
-            return
-        self.log.info(
-            "{exchange} {symbol}: {old} -> {new} ({reason})",
-            exchange=self.exchange,
-            symbol=self.symbol,
-            old=self.state.value,
-            new=state.value,
-            reason=reason,
-        )
-        self.state = state
-        self.reason = reason
-        metrics.BOOK_STATE.labels(self.exchange, self.symbol).state(state.value)
-
-    def discard(self) -> None:
-        """Nobody watches the symbol any more: forget its metric."""
-        try:
-            metrics.BOOK_STATE.remove(self.exchange, self.symbol)
-        except KeyError:
-            pass
 
 
 def merge_top(
@@ -225,8 +134,8 @@ class Subscription:
         self.symbol = symbol
         self.delivered = 0
         self.conflated = 0
-        # Arrival (metrics.FrameClock) of the frame behind the Summary that
-        # next() last handed out; None if no frame caused it.
+        # Arrival (reactor time) of the frame behind the Summary that next()
+        # last handed out; None if no frame caused it.
         self.arrival: float | None = None
         self._pending: bytes | None = None
         self._pending_arrival: float | None = None
@@ -458,10 +367,8 @@ class Merger(Service):
         state = self._symbols.get(symbol)
         return state.serialized() if state else None
 
-    def _book_changed(self, changed: ExchangeBook) -> None:
-        # Taken whether or not this change publishes: the mark belongs to the
-        # frame that caused it, not to a later change no frame caused.
-        arrival = metrics.FRAME_CLOCK.take()
+    def _book_changed(self, changed: ExchangeBook, arrival: float | None) -> None:
+        """A book committed a change: `arrival` is its frame's arrival (or None)."""
         state = self._symbols.get(changed.symbol)
         if state is None or state.books.get(changed.exchange) is not changed:
             return

@@ -55,35 +55,21 @@ BUILD = Info("aggregator_build", "The running daemon's version.")
 BUILD.info({"version": __version__})
 UPDATE_LATENCY = Histogram(
     "aggregator_update_latency_seconds",
+    # The arrival is the reactor's seconds() when the frame arrived, passed
+    # along with the book change it caused (aggregator/book.py, BookListener)
+    # and observed against the same clock when gRPC takes the Summary. A
+    # Summary no frame caused (a snapshot, a disconnect) adds no sample.
     "From an exchange frame's arrival to the Summary reflecting it being handed to gRPC.",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 
-
-class FrameClock:
-    """When the exchange frame being processed arrived, for UPDATE_LATENCY.
-
-    A feed calls mark(reactor.seconds()) as a frame arrives; the merger takes()
-    it on the book change that frame causes and hands it, with the Summary it
-    publishes, to the gRPC handler, which observes reactor.seconds() - arrival
-    as it yields that Summary. One clock on both ends: the reactor's seconds()
-    (time.time() on the asyncio reactor; a Clock in tests). It is not
-    monotonic, but the intervals are sub-second, and a step of the wall clock
-    can only produce one outlier (negative ones are clamped to 0).
-
-    take() consumes the mark, so a Summary that no frame caused (a
-    disconnect, a timer, a new subscriber) carries no arrival and adds no sample.
-    """
-
-    def __init__(self) -> None:
-        self.arrival: float | None = None
-
-    def mark(self, seconds: float) -> None:
-        self.arrival = seconds
-
-    def take(self) -> float | None:
-        arrival, self.arrival = self.arrival, None
-        return arrival
-
-
-FRAME_CLOCK = FrameClock()
+SUBSCRIBE_RETRIES = Counter(
+    "aggregator_subscribe_retries",
+    "Subscriptions sent again, by cause (refused by the exchange, no reply in time).",
+    ["exchange", "reason"],
+)
+BUFFER_OVERFLOWS = Counter(
+    "aggregator_buffer_overflows",
+    "Updates dropped because the buffering budget was spent (the book resyncs: a gap).",
+    ["exchange"],
+)

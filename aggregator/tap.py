@@ -18,8 +18,8 @@ from twisted.python import usage  # noqa: E402
 
 from aggregator import __version__  # noqa: E402
 from aggregator.address import split_host_port  # noqa: E402
-from aggregator.exchanges import FEEDS  # noqa: E402
-from aggregator.exchanges.feed import ExchangeFeed  # noqa: E402
+from aggregator.exchanges import VENUES  # noqa: E402
+from aggregator.exchanges.feed import VenueFeed  # noqa: E402
 from aggregator.grpc_service import (  # noqa: E402
     API_SERVICES,
     AggregatorServicer,
@@ -102,11 +102,11 @@ class Options(usage.Options):
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise usage.UsageError(f"--listen must be host:port, got {self['listen']!r}")
         exchanges = [name.strip().lower() for name in self["exchanges"].split(",") if name.strip()]
-        unknown = [name for name in exchanges if name not in FEEDS]
+        unknown = [name for name in exchanges if name not in VENUES]
         if not exchanges or unknown:
             raise usage.UsageError(
                 f"--exchanges: unknown {', '.join(unknown) or '(none given)'}; "
-                f"known: {', '.join(FEEDS)}"
+                f"known: {', '.join(VENUES)}"
             )
         self["exchanges"] = list(dict.fromkeys(exchanges))
         if not 1 <= self["depth"] <= 1000:
@@ -160,7 +160,7 @@ class DemoWiring(Service):
     """Points the feeds at the simulator once it listens (its ports are
     ephemeral, so they are known only after it started)."""
 
-    def __init__(self, simulator: Any, feeds: list[ExchangeFeed]) -> None:
+    def __init__(self, simulator: Any, feeds: list[VenueFeed]) -> None:
         self.simulator = simulator
         self.feeds = feeds
 
@@ -183,8 +183,8 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
         metrics_server.setName("metrics")
         metrics_server.setServiceParent(root)
     feeds = [
-        FEEDS[name](
-            options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor
+        VenueFeed(
+            VENUES[name], options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor
         )
         for name in options["exchanges"]
     ]

@@ -1,8 +1,8 @@
 """Book-apply cost: µs per Binance diff message through the daemon's own code path, in one
 process, no sockets:
 
-    frame bytes → ExchangeFeed.frame_received (orjson, counters) → BinanceFeed.handle →
-    DepthSync (ids) → OrderBook.apply → Merger re-merge of the live books' top 10 (a Binance
+    frame bytes → VenueFeed.frame_received (orjson, counters) → BinanceAdapter.handle →
+    DepthSync (ids, checks, commit) → OrderBook.apply → Merger re-merge of the live books' top 10 (a Binance
     and a Bitstamp book per symbol) → Summary serialized once → offered to one subscriber
 
 on a message sequence made of the recorded Binance traffic (aggregator/simulator/fixtures,
@@ -170,6 +170,23 @@ class _Http:
         return succeed(None)
 
 
+class _NoSocket:
+    """A connector's service that connects nothing: the benchmark opens the
+    connections by hand."""
+
+    def startService(self) -> None:
+        pass
+
+    def stopService(self) -> Any:
+        from twisted.internet.defer import succeed
+
+        return succeed(None)
+
+
+def _no_socket(connection: Any) -> _NoSocket:
+    return _NoSocket()
+
+
 class _Protocol:
     """What a Connection needs of its websocket protocol."""
 
@@ -201,8 +218,8 @@ class _StaticFeed:
 
     def watch(self, book: Any) -> None:
         bids, asks = self._books[book.symbol]
-        book.replace([(float(p), float(a)) for p, a in bids], [(float(p), float(a)) for p, a in asks])
-        book.mark_live()
+        book.book.replace([(float(p), float(a)) for p, a in bids], [(float(p), float(a)) for p, a in asks])
+        book.go_live()
 
     def unwatch(self, symbol: str) -> None:
         pass
@@ -212,10 +229,10 @@ class OurPath:
     """The daemon's feed + merger wired as in the daemon, minus the sockets."""
 
     def __init__(self, seq: Sequence) -> None:
-        from twisted.application.service import Service
         from twisted.internet.task import Clock
 
-        from aggregator.exchanges.binance import BinanceFeed
+        from aggregator.exchanges.binance import BinanceAdapter
+        from aggregator.exchanges.feed import VenueFeed
         from aggregator.merger import Merger
 
         self.clock = Clock()
@@ -228,12 +245,9 @@ class OurPath:
             symbol = url.split("symbol=")[1].split("&")[0].lower()
             return seq.snapshots[symbol]
 
-        self.feed = BinanceFeed("ws://ws.invalid", rest, reactor=self.clock, http=_Http(documents))
-        # Running, as far as the feed's own bookkeeping goes, without its connections being
-        # started (the base Service's startService only marks it running).
-        Service.startService(self.feed)
-        # As if exchangeInfo had just been loaded (the feed's own parsing of it).
-        self.feed._symbol_list_loaded(seq.exchange_info)
+        self.feed = VenueFeed(BinanceAdapter, "ws://ws.invalid", rest, reactor=self.clock,
+                              http=_Http(documents), connector=_no_socket)
+        self.feed.startService()  # the symbol list loads at once from _Http
         if self.feed.listed_symbols() is None:
             raise RuntimeError("book path: the feed did not take the symbol list")
         self.merger = Merger([self.feed, _StaticFeed(seq.bitstamp)], depth=10)
@@ -246,7 +260,7 @@ class OurPath:
             protocol = _Protocol()
             connection.connection_opened(protocol)
             self.clock.advance(0)
-            for _ in range(len(connection.symbols)):
+            for _ in range(len(self.feed.books)):
                 # Every SUBSCRIBE acknowledged (frames are paced: advance the clock).
                 for payload in protocol.sent:
                     request = orjson.loads(payload)
@@ -257,9 +271,9 @@ class OurPath:
                     break
                 self.clock.advance(1.0)
         self.connections = {}
-        for connection in self.feed.connections:
-            for symbol in connection.symbols:
-                self.connections[symbol] = connection
+        for shard in self.feed.pool.shards:
+            for symbol in shard.symbols:
+                self.connections[symbol] = shard.active
         not_live = [s for s, b in self.feed.books.items() if not b.live]
         if not_live:
             raise RuntimeError(f"book path: {len(not_live)} books did not go live, e.g. {not_live[0]}")

@@ -92,36 +92,68 @@ class FakeProtocol:
 
 def publish(book, bids, asks) -> None:
     """What a feed does with a verified snapshot: set the levels, vouch for them."""
-    book.replace(bids, asks)
-    book.mark_live()
+    book.book.replace(bids, asks)
+    book.go_live()
+
+
+class FakeConnector:
+    """Connector double: records the connections it was asked to connect;
+    the test opens them by hand (connection.connection_opened(FakeProtocol()))."""
+
+    def __init__(self) -> None:
+        self.started: list = []
+        self.stopped: list = []
+
+    def __call__(self, connection):
+        connector = self
+
+        class Service:
+            def startService(self) -> None:
+                connector.started.append(connection)
+
+            def stopService(self) -> Deferred:
+                connector.stopped.append(connection)
+                return succeed(None)
+
+        return Service()
 
 
 class FeedHarness:
-    """A feed with one connection opened by hand: no sockets, time on a Clock."""
+    """A started feed whose first connection is opened by hand: no sockets,
+    time on a Clock."""
 
     REST = "http://rest.test"
 
-    def __init__(self, feed_class, symbols=("ethbtc",), start_time: float = 0.0):
+    def __init__(self, adapter, symbols=("ethbtc",), start_time: float = 0.0, settings=None):
         from twisted.internet.task import Clock
 
-        from aggregator.merger import ExchangeBook
+        from aggregator.book import ExchangeBook
+        from aggregator.exchanges.feed import VenueFeed
 
         self.clock = Clock()
         self.clock.advance(start_time)
         self.http = FakeHttp()
-        self.feed = feed_class("ws://ws.test", self.REST, reactor=self.clock, http=self.http)
+        self.connector = FakeConnector()
+        self.feed = VenueFeed(adapter, "ws://ws.test", self.REST, reactor=self.clock,
+                              http=self.http, connector=self.connector, settings=settings)
         self.changes: list = []
+        self.arrivals: list = []
         self.books = {}
         for symbol in symbols:
-            self.books[symbol] = ExchangeBook(self.feed.name, symbol, self.changes.append)
+            self.books[symbol] = ExchangeBook(self.feed.name, symbol, self._changed)
             self.feed.watch(self.books[symbol])
-        self.clock.advance(0)  # places the symbols on a connection
-        if not self.feed.connections:
-            self.feed._add_connection()
+        self.feed.startService()
         self.connection = self.feed.connections[0]
         self.protocol = FakeProtocol()
         self.connection.connection_opened(self.protocol)
         self.clock.advance(0)
 
+    def _changed(self, book, arrival) -> None:
+        self.changes.append(book)
+        self.arrivals.append(arrival)
+
     def receive(self, payload: bytes) -> None:
         self.connection.message_received(payload)
+
+    def stop(self) -> None:
+        self.feed.stopService()

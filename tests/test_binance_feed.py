@@ -2,8 +2,10 @@ import orjson
 import pytest
 
 from aggregator.book import BookState
-from aggregator.exchanges.binance import BinanceFeed
-from aggregator.merger import ExchangeBook
+from aggregator.exchanges.binance import BinanceAdapter, SyncState
+from aggregator.book import ExchangeBook
+from prometheus_client import REGISTRY
+
 from tests import recorded
 from tests.fakes import FakeProtocol, FeedHarness
 
@@ -21,9 +23,13 @@ def snapshot(last_update_id, bids=(), asks=()):
             "asks": [list(a) for a in asks]}
 
 
+def metric(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 class Harness(FeedHarness):
     def __init__(self, symbols=("ethbtc",)):
-        super().__init__(BinanceFeed, symbols)
+        super().__init__(BinanceAdapter, symbols)
 
     def ack_all(self):
         for frame in self.protocol.frames():
@@ -58,7 +64,7 @@ def test_buffered_diffs_are_bridged_by_update_id():
     book = h.books["ethbtc"].book
     assert book.top_bids(10) == [(1.1, 3.0), (1.0, 1.0)]
     assert book.top_asks(10) == [(2.5, 4.0)]
-    assert h.feed.syncs["ethbtc"].last_update_id == 103
+    assert h.feed.adapter.syncs["ethbtc"].last_update_id == 103
 
 
 def test_diff_older_than_snapshot_arriving_after_it_is_dropped_by_id():
@@ -197,10 +203,43 @@ def test_malformed_json_and_unknown_messages_do_not_break_the_feed():
     assert h.books["ethbtc"].book.top_bids(1) == [(1.5, 1.0)]
 
 
-def test_error_reply_marks_the_requested_symbols_stale():
+def test_error_reply_is_retried_with_backoff_until_accepted():
+    """Defect 8d: a refused SUBSCRIBE used to leave the book stale for good."""
     h = Harness()
+    h.feed.retry_policy = lambda attempt: 2.0 * (attempt + 1)
+    retries = metric("aggregator_subscribe_retries_total", exchange="binance", reason="refused")
     h.receive(orjson.dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": 1}))
-    assert h.books["ethbtc"].state is BookState.STALE
+    book = h.books["ethbtc"]
+    assert book.state is BookState.SYNCING and "refused" in book.reason
+    assert metric("aggregator_subscribe_retries_total", exchange="binance", reason="refused") == retries + 1
+    h.clock.advance(1.9)
+    assert len(h.protocol.frames()) == 1  # not before the backoff
+    h.clock.advance(0.2)
+    assert h.protocol.frames()[-1] == {"method": "SUBSCRIBE", "params": ["ethbtc@depth@100ms"], "id": 2}
+    h.receive(orjson.dumps({"error": {"code": 2, "msg": "Invalid request"}, "id": 2}))
+    h.clock.advance(3.9)
+    assert len(h.protocol.frames()) == 2  # the backoff grows
+    h.clock.advance(0.2)
+    assert h.protocol.frames()[-1]["id"] == 3
+    h.receive(orjson.dumps({"result": None, "id": 3}))
+    h.http.answer(f"{REST}/api/v3/depth", snapshot(10, [("1", "1")], [("2", "1")]))
+    assert book.state is BookState.LIVE
+
+
+def test_unanswered_subscribe_is_timed_out_and_sent_again():
+    """Defect 8j: a SUBSCRIBE reply that never came was waited for forever."""
+    h = Harness()
+    timeouts = metric("aggregator_subscribe_retries_total", exchange="binance", reason="timeout")
+    h.clock.advance(h.feed.settings.reply_timeout - 0.1)
+    assert len(h.protocol.frames()) == 1
+    h.clock.advance(0.2)
+    h.clock.advance(1)
+    assert h.protocol.frames()[-1] == {"method": "SUBSCRIBE", "params": ["ethbtc@depth@100ms"], "id": 2}
+    assert metric("aggregator_subscribe_retries_total", exchange="binance", reason="timeout") == timeouts + 1
+    h.receive(orjson.dumps({"result": None, "id": 2}))
+    assert h.http.pending(f"{REST}/api/v3/depth")
+    h.clock.advance(60)
+    assert len(h.protocol.frames()) == 2  # answered: no more retries
 
 
 def test_unwatch_sends_unsubscribe_and_cancels_the_snapshot():
@@ -248,9 +287,10 @@ def test_disconnect_marks_everything_stale_and_reconnect_resubscribes():
     h.live(last_update_id=100)
     h.connection.connection_closed(h.protocol, "code=1006")
     assert h.books["ethbtc"].state is BookState.STALE
-    assert h.feed.syncs == {}
+    assert h.feed.adapter.syncs == {}
     protocol = FakeProtocol()
     h.connection.connection_opened(protocol)
+    h.clock.advance(0)
     assert protocol.frames()[0]["params"] == ["ethbtc@depth@100ms"]
     assert h.books["ethbtc"].state is BookState.SYNCING
     h.protocol = protocol
@@ -278,9 +318,9 @@ def test_recorded_traffic_reproduces_binance_book_ticker():
         if message["stream"].endswith("@bookTicker"):
             tickers[symbol, message["data"]["u"]] = message["data"]
             continue
-        sync = h.feed.syncs[symbol]
+        sync = h.feed.adapter.syncs[symbol]
         ticker = tickers.pop((symbol, sync.last_update_id), None)
-        if sync.state == "live" and ticker is not None:
+        if sync.state is SyncState.LIVE and ticker is not None:
             book = h.books[symbol].book
             assert book.top_bids(1) == [(float(ticker["b"]), float(ticker["B"]))]
             assert book.top_asks(1) == [(float(ticker["a"]), float(ticker["A"]))]

@@ -2,7 +2,7 @@ import orjson
 import pytest
 
 from aggregator.book import BookState
-from aggregator.exchanges.bitstamp import BitstampFeed
+from aggregator.exchanges.bitstamp import BitstampAdapter
 from tests import recorded
 from tests.fakes import FakeProtocol, FeedHarness
 
@@ -17,7 +17,7 @@ def book_message(pair, micros, bids=(), asks=()):
 
 class Harness(FeedHarness):
     def __init__(self, symbols=("ethbtc",)):
-        super().__init__(BitstampFeed, symbols, start_time=1700000000)
+        super().__init__(BitstampAdapter, symbols, start_time=1700000000)
 
     def ack_all(self):
         self.clock.advance(1)  # frames are paced
@@ -34,9 +34,9 @@ def test_subscribes_order_book_channel_and_seeds_from_rest_once_acknowledged():
         {"event": "bts:subscribe", "data": {"channel": "order_book_btcusd"}},
         {"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}}]
     # A snapshot taken before the channel runs could miss a change for good.
-    assert h.http.pending() == []
+    assert h.http.pending(f"{REST}/api/v2/order_book") == []
     h.ack_all()
-    assert [url for url, _ in h.http.pending()] == [  # with a cache-buster
+    assert [url for url, _ in h.http.pending(f"{REST}/api/v2/order_book")] == [  # with a cache-buster
         f"{REST}/api/v2/order_book/btcusd/?_=1700000001100",
         f"{REST}/api/v2/order_book/ethbtc/?_=1700000001100"]
     h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
@@ -52,7 +52,10 @@ def test_each_newer_message_replaces_the_book_and_older_ones_are_ignored():
     h.receive(book_message("ethbtc", 3000, [("0.049", "2")], [("0.061", "1")]))
     assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
     h.ack_all()
-    # The REST seed answered late and is older than the stream: ignored.
+    # The stream beat the acknowledgement with a whole book: no seed needed.
+    assert h.http.pending(f"{REST}/api/v2/order_book") == []
+    h.feed.adapter.syncs["ethbtc"].fetch("snapshot")
+    # A REST answer older than the stream is ignored.
     h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
         "timestamp": "0", "microtimestamp": "2500", "bids": [["0.01", "1"]], "asks": []})
     assert h.books["ethbtc"].book.top_bids(10) == [(0.049, 2.0)]
@@ -105,7 +108,7 @@ def test_errors_and_unknown_frames_do_not_break_the_feed():
 def test_unwatch_unsubscribes_and_ignores_late_messages():
     h = Harness()
     h.ack_all()
-    (_, seed), = h.http.pending()
+    (_, seed), = h.http.pending(f"{REST}/api/v2/order_book")
     h.feed.unwatch("ethbtc")
     assert seed.called  # cancelled, quietly
     h.clock.advance(0)
@@ -121,6 +124,7 @@ def test_disconnect_marks_stale_and_reconnect_resubscribes():
     assert h.books["ethbtc"].state is BookState.STALE
     protocol = FakeProtocol()
     h.connection.connection_opened(protocol)
+    h.clock.advance(0)
     assert protocol.frames() == [{"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}}]
     h.receive(book_message("ethbtc", 1000, [("0.05", "1")], []))  # new connection: any time
     assert h.books["ethbtc"].state is BookState.LIVE

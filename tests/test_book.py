@@ -57,10 +57,28 @@ def test_bad_numbers_are_rejected_and_the_book_is_unchanged(level):
 def test_parse_levels_reads_decimal_strings_numerically():
     assert parse_levels([["0.35120000", "6567.00000000"], ["1", "0.00000"]]) == [
         (0.3512, 6567.0), (1.0, 0.0)]
-    # "NaN" and "inf" parse as floats: the book's range check rejects them.
-    levels = parse_levels([["NaN", "1"], ["1", "inf"]])
+    # JSON numbers are read as they are (Kraken sends numbers); a NaN or inf
+    # that gets through as a float is the book's range check's to reject.
+    assert parse_levels([[1.5, 2]]) == [(1.5, 2.0)]
+    levels = parse_levels([[float("nan"), 1.0], [1.0, float("inf")]])
     with pytest.raises(InvalidLevel):
         OrderBook().apply(levels, [])
+
+
+@pytest.mark.parametrize("text", ["NaN", "inf", "-1", "1_000", " 12", "+5", "1,5", "0x10", "", "1e5e5"])
+def test_parse_levels_rejects_text_that_is_not_a_venue_decimal(text):
+    # float() takes most of these ("1_000" is 1000.0); no venue sends them.
+    with pytest.raises(InvalidLevel):
+        parse_levels([[text, "1"]])
+    with pytest.raises(InvalidLevel):
+        parse_levels([["1", text]])
+
+
+@pytest.mark.parametrize("raw", [["12", "34"], "1234", [("1", "2")], [["1", "2", "3"]], [[True, "1"]], {"1": "2"}])
+def test_parse_levels_rejects_wrong_shapes(raw):
+    # A string where a [price, amount] pair belongs is not two levels "1","2".
+    with pytest.raises(InvalidLevel):
+        parse_levels(raw)
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,9 @@ import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet import reactor
 
-from aggregator.book import BookState
-from aggregator.exchanges.binance import BinanceFeed
-from aggregator.merger import ExchangeBook
+from aggregator.book import BookState, ExchangeBook
+from aggregator.exchanges.binance import BinanceAdapter
+from aggregator.exchanges.feed import VenueFeed
 from tests.aio import aio, wait_until
 from tests.fakes import FakeHttp
 
@@ -30,9 +30,9 @@ async def test_feed_subscribes_reconnects_after_a_drop_and_stops_cleanly():
     factory.paths, factory.connections, factory.frames = [], [], []
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     http = FakeHttp()
-    feed = BinanceFeed(f"ws://127.0.0.1:{port.getHost().port}", "http://rest.test",
+    feed = VenueFeed(BinanceAdapter, f"ws://127.0.0.1:{port.getHost().port}", "http://rest.test",
                        reactor=reactor, http=http, retry_policy=lambda attempt: 0.05)
-    book = ExchangeBook("binance", "ethbtc", lambda symbol: None)
+    book = ExchangeBook("binance", "ethbtc", lambda book, arrival: None)
     feed.watch(book)
     feed.startService()
     try:

@@ -123,7 +123,8 @@ def test_changes_below_the_top_n_publish_nothing(merger, feeds):
     publish(binance.books["ethbtc"], [(10.0, 1.0), (9.0, 1.0), (8.0, 1.0)], [(11.0, 1.0)])
     next_summary(subscription)
     published = merger.current_summary("ethbtc")
-    binance.books["ethbtc"].apply([(7.0, 5.0)], [])
+    binance.books["ethbtc"].book.apply([(7.0, 5.0)], [])
+    binance.books["ethbtc"].commit(None)
     assert merger.current_summary("ethbtc") is published
     pending = []
     subscription.next().addCallback(pending.append)
@@ -139,7 +140,8 @@ def test_slow_subscriber_keeps_only_the_latest_summary(merger, feeds):
     received = []
     for i in range(1000):
         fast.next().addCallback(received.append)
-        binance.books["ethbtc"].apply([(10.0, 1.0 + i)], [])
+        binance.books["ethbtc"].book.apply([(10.0, 1.0 + i)], [])
+        binance.books["ethbtc"].commit(None)
     assert len(received) == 1000
     assert slow.conflated == 1000  # all but the latest superseded
     assert len(slow.__dict__) == len(fast.__dict__)  # one slot, whatever the speed

@@ -27,12 +27,24 @@ def value(name, **labels):
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def test_frame_clock_mark_is_taken_once():
-    clock = metrics.FrameClock()
-    assert clock.take() is None
-    clock.mark(12.5)
-    assert clock.take() == 12.5
-    assert clock.take() is None
+def test_arrival_travels_with_the_change_it_caused_and_only_with_it():
+    """The first Summary after a snapshot carries no arrival (a REST round
+    trip is not frame-to-Summary latency); a committed frame carries its own."""
+    feed = FakeFeed("binance", {"ethbtc"})
+    merger = Merger([feed], depth=5)
+    merger.startService()
+    subscription = merger.subscribe("ethbtc")
+    subscription.take()
+    book = feed.books["ethbtc"]
+    book.book.replace([(10.0, 1.0)], [])
+    book.go_live()  # a snapshot made it live: no frame behind it
+    assert subscription.take() is not None and subscription.arrival is None
+    book.book.apply([(10.0, 2.0)], [])
+    book.commit(12.5)
+    assert subscription.take() is not None and subscription.arrival == 12.5
+    book.mark_stale("disconnected")
+    assert subscription.take() is not None and subscription.arrival is None
+    merger.stopService()
 
 
 @pytest.fixture
@@ -47,9 +59,10 @@ def test_superseded_summaries_are_counted_as_conflated(merger):
     book_of = lambda: merger.feeds["binance"].books["ethbtc"]
     before = value("aggregator_summaries_conflated_total")
     slow = merger.subscribe("ethbtc")  # holds the initial Summary, never reads
-    book_of().replace([(10.0, 1.0)], [])
-    book_of().mark_live()
-    book_of().apply([(10.0, 2.0)], [])
+    book_of().book.replace([(10.0, 1.0)], [])
+    book_of().go_live()
+    book_of().book.apply([(10.0, 2.0)], [])
+    book_of().commit(None)
     assert value("aggregator_summaries_conflated_total") - before == 2
     assert slow.conflated == 2
     slow.close()
@@ -75,9 +88,8 @@ async def test_streams_sent_summaries_and_latency_from_frame_arrival(merger):
         assert value("aggregator_active_streams") == active + 1
         assert value("aggregator_update_latency_seconds_count") == latency_count
         # A frame arrives, makes the book live; gRPC gets the Summary 3 ms later.
-        metrics.FRAME_CLOCK.mark(clock.seconds())
-        book_of().replace([(10.0, 1.0)], [(11.0, 1.0)])
-        book_of().mark_live()
+        book_of().book.replace([(10.0, 1.0)], [(11.0, 1.0)])
+        book_of().go_live(arrival=clock.seconds())
         clock.advance(0.003)
         await within(call.read(), 5)
         assert value("aggregator_update_latency_seconds_count") == latency_count + 1

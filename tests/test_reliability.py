@@ -8,6 +8,8 @@ request went over the exchange's budget. Backoff and timeouts are shortened
 so recovery takes a fraction of a second.
 """
 
+import dataclasses
+
 import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY
@@ -30,8 +32,8 @@ def fast(daemon):
     for name in ("binance", "bitstamp"):
         feed = daemon.getServiceNamed(name)
         feed.retry_policy = lambda attempt: 0.05 * (attempt + 1)
-        feed.inactivity_timeout = 1.0
-        feed.handover_overlap = 0.3
+        feed.settings = dataclasses.replace(
+            feed.settings, inactivity_timeout=1.0, handover_overlap=0.3)
 
 
 class System:
@@ -217,7 +219,8 @@ async def test_more_symbols_than_one_connection_carries():
     def small_connections(daemon):
         fast(daemon)
         for name in ("binance", "bitstamp"):
-            daemon.getServiceNamed(name).max_symbols_per_connection = 2
+            feed = daemon.getServiceNamed(name)
+            feed.settings = dataclasses.replace(feed.settings, max_symbols_per_connection=2)
 
     daemon = await start_daemon(sim, configure=small_connections)
     symbols = sorted(sim.symbols("binance"))[:5]

@@ -1,10 +1,10 @@
-"""Exchange feeds, by their wire name."""
+"""Venue adapters, by their wire name (docs/DESIGN.md, "The feed layer")."""
 
-from aggregator.exchanges.binance import BinanceFeed
-from aggregator.exchanges.bitstamp import BitstampFeed
-from aggregator.exchanges.feed import ExchangeFeed
+from aggregator.exchanges.binance import BinanceAdapter
+from aggregator.exchanges.bitstamp import BitstampAdapter
+from aggregator.exchanges.venue import AdapterFactory
 
-FEEDS: dict[str, type[ExchangeFeed]] = {
-    BinanceFeed.name: BinanceFeed,
-    BitstampFeed.name: BitstampFeed,
+VENUES: dict[str, AdapterFactory] = {
+    BinanceAdapter.name: BinanceAdapter,
+    BitstampAdapter.name: BitstampAdapter,
 }

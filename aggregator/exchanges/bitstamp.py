@@ -3,58 +3,264 @@ seeded and periodically verified by REST snapshots, ordered by microtimestamp.
 
 Why not `diff_order_book_`: Bitstamp diffs carry no sequence number and no
 checksum, so a lost diff can never be detected and the book would drift
-silently. Every `order_book_` message is the whole top 100 — far deeper than
-the top 10 we serve — so each one proves the book afresh. The channel sends
-nothing until the book next changes (quiet pairs stay silent for 30 s and
-more), hence the REST snapshot once the subscription is acknowledged; and
-since a channel that silently stopped would look exactly like a quiet pair,
-each book is also compared with a fresh REST snapshot every few minutes.
-Facts: PROTOCOLS.md §2.
+silently. Every `order_book_` message is the whole top 100: a lost message
+costs nothing, the next one heals the book. But a quiet pair may stay silent
+for 30 s and more, hence the REST snapshot once the subscription is
+acknowledged; and since a channel that silently stopped would look exactly
+like a quiet pair, each book is also compared with a fresh REST snapshot
+every few minutes. Facts: docs/PROTOCOLS.md §2.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, Iterable
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from aggregator import metrics
-from aggregator.book import InvalidLevel, parse_levels
+from aggregator.book import BookState, ExchangeBook, InvalidLevel, Level, parse_levels
 from aggregator.exchanges.connection import Connection
-from aggregator.exchanges.feed import ExchangeFeed
+from aggregator.exchanges.venue import FeedContext, PendingReplies, VenueSettings
 
 CHANNEL_PREFIX = "order_book_"
 # Levels compared per side when verifying against REST (the channel's depth).
 VERIFY_DEPTH = 100
+# A message stamped further ahead of our clock than this is not believed:
+# accepted, it would make every later (true) message look older and freeze
+# the book. Generous: it only has to exceed clock skew plus transit.
+MAX_FUTURE_US = 60_000_000
 
-
-class BitstampFeed(ExchangeFeed):
-    name = "bitstamp"
-    frames_per_second = 50.0
-    auto_ping_interval = 20.0
-    auto_ping_timeout = 10.0
+SETTINGS = VenueSettings(
+    frames_per_second=50.0,
+    auto_ping_interval=20.0,
+    auto_ping_timeout=10.0,
     # Heartbeats are sent after half of this without any frame; a live
     # connection answers them, so this much silence means a dead one.
-    inactivity_timeout = 30.0
-    max_symbols_per_connection = 1000
+    inactivity_timeout=30.0,
+    max_symbols_per_connection=1000,
+    # One channel per bts:subscribe frame.
+    symbols_per_frame=1,
     # Documented: 8000-10000 requests per 10 minutes per client.
-    rest_weight_per_minute = 400.0
-    # Each watched book is checked against REST about this often.
-    verify_interval = 300.0
+    rest_weight_per_minute=400.0,
+)
+
+
+class SyncState(enum.Enum):
+    AWAITING_ACK = "awaiting-ack"  # bts:subscribe sent
+    SEEDING = "seeding"  # acknowledged; REST snapshot in flight (the stream may beat it)
+    LIVE = "live"  # holds the newest full book seen
+    RESYNCING = "resyncing"  # withdrawn; a fresh snapshot (or the next message) heals it
+
+
+class BookSync:
+    """One pair's book: whole books, newest microtimestamp wins.
+
+    AWAITING_ACK → (subscription acknowledged, by either connection of a
+    handover) → SEEDING → (a snapshot or a stream message) → LIVE; a bad
+    message, a timestamp from the future or a failed verification →
+    RESYNCING → (snapshot or message) → LIVE.
+    """
 
     log = Logger()
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Per pair: microtimestamp of the levels the book holds (0 = none yet).
-        self.book_time: dict[str, int] = {}
-        self._snapshot_requests: dict[str, Any] = {}
-        self._awaiting_seed: dict[str, Connection] = {}  # subscribed, not yet acknowledged
-        self._verified_at: dict[str, float] = {}
+    def __init__(
+        self, context: FeedContext, book: ExchangeBook, connection: Connection
+    ) -> None:
+        self.context = context
+        self.book = book
+        self.symbol = book.symbol
+        self.connection = connection
+        self.state = SyncState.AWAITING_ACK
+        self.held_time = 0  # microtimestamp of the levels the book holds (0: none)
+        self.request: Any = None
+        self.request_purpose = ""
+        self.verified_at = 0.0
+        self.subscribe_attempts = 0
+        self.crossed = False
+
+    def _set_state(self, state: SyncState, reason: str) -> None:
+        if state is not self.state:
+            self.log.debug("bitstamp {symbol}: sync {old} -> {new} ({reason})", symbol=self.symbol,
+                           old=self.state.value, new=state.value, reason=reason)
+            self.state = state
+
+    # -- inputs -----------------------------------------------------------------
+
+    def subscribed(self) -> None:
+        self.subscribe_attempts = 0
+        if self.state is SyncState.AWAITING_ACK:
+            # Seeded only now: a snapshot taken before the channel started
+            # could miss a change made in between, and a quiet pair might not
+            # change again for a long time.
+            self._set_state(SyncState.SEEDING, "subscribed")
+            self.fetch("snapshot")
+
+    def subscribe_refused(self, connection: Connection, error: object) -> None:
+        delay = self.context.retry_delay(self.subscribe_attempts)
+        self.subscribe_attempts += 1
+        if connection is self.connection and self.state is SyncState.AWAITING_ACK:
+            self.book.mark_syncing(f"subscription refused ({error}); retrying in {delay:.1f}s")
+        self.context.resubscribe(connection, [self.symbol], delay)
+
+    def message(self, data: Any, arrival: float | None, source: str) -> None:
+        """A whole book (stream message or REST snapshot)."""
+        try:
+            when = data["microtimestamp"]
+            when = int(when) if type(when) in (str, int) else when
+            if type(when) is not int:
+                raise InvalidLevel(f"microtimestamp {when!r} is not an integer")
+            bids = parse_levels(data["bids"])
+            asks = parse_levels(data["asks"])
+        except (KeyError, TypeError, ValueError) as error:
+            self._reject(source, error)
+            return
+        if when <= self.held_time:
+            return  # older than what the book shows (e.g. a lagging snapshot)
+        now_us = int(self.context.reactor.seconds() * 1_000_000)
+        if when > now_us + MAX_FUTURE_US:
+            self.context.reject(
+                "bad_timestamp", "bitstamp {symbol}: {source} message stamped {ahead:.0f}s "
+                "in the future; resyncing", symbol=self.symbol, source=source,
+                ahead=(when - now_us) / 1e6,
+            )
+            self.resync(f"{source} message stamped in the future", "bad_data")
+            return
+        try:
+            self.book.book.replace(bids, asks)
+        except InvalidLevel as error:
+            self._reject(source, error)
+            return
+        self.held_time = when
+        self._note_crossing(self.book.book.is_crossed())
+        self._set_state(SyncState.LIVE, f"{source} message")
+        if self.book.live:
+            self.book.commit(arrival)
+        else:
+            self.book.go_live(arrival)
+
+    def snapshot_answered(self, document: Any, purpose: str) -> None:
+        if purpose == "verify":
+            self.verification(document)
+        else:
+            self.message(document, None, "snapshot")
+
+    def snapshot_failed(self, reason: Failure) -> None:
+        # Not fatal: the channel's next message is a full book anyway.
+        self.context.problem(
+            ("snapshot_failed", self.symbol),
+            "bitstamp {symbol}: snapshot request failed ({error}); relying on the stream",
+            symbol=self.symbol, error=reason.value,
+        )
+
+    def verification(self, document: Any) -> None:
+        """A fresh REST snapshot to compare the book with."""
+        try:
+            when = int(document["microtimestamp"])
+            bids = _best_first(parse_levels(document["bids"]), reverse=True)[:VERIFY_DEPTH]
+            asks = _best_first(parse_levels(document["asks"]), reverse=False)[:VERIFY_DEPTH]
+        except (KeyError, TypeError, ValueError):
+            return  # a bad verification snapshot proves nothing either way
+        if not self.book.live:
+            return
+        if self.held_time > when + MAX_FUTURE_US:
+            # Cannot be (the intake bound), unless the clock jumped: a book
+            # "newer" than the exchange by that much is frozen, not fresh.
+            self.resync("book stamped ahead of the exchange's own snapshot", "verify_mismatch")
+            return
+        if when < self.held_time:
+            return  # the stream is ahead: nothing to compare at the same moment
+        book = self.book.book
+        if (book.top_bids(len(bids)), book.top_asks(len(asks))) == (bids, asks):
+            return
+        metrics.RESYNCS.labels("bitstamp", "verify_mismatch").inc()
+        self.log.warn(
+            "bitstamp {symbol}: book differs from a newer REST snapshot ({age:.1f}s newer); "
+            "replaced by it", symbol=self.symbol, age=(when - self.held_time) / 1e6,
+        )
+        self.message(document, None, "verification snapshot")
+
+    def cancel(self) -> None:
+        request, self.request = self.request, None
+        if request is not None:
+            request.cancel()
+
+    # -- actions ----------------------------------------------------------------
+
+    def resync(self, reason: str, cause: str) -> None:
+        metrics.RESYNCS.labels("bitstamp", cause).inc()
+        self.book.withdraw(BookState.STALE, reason)
+        self.held_time = 0
+        self._set_state(SyncState.RESYNCING, reason)
+        self.fetch("snapshot")
+
+    def fetch(self, purpose: str) -> None:
+        self.cancel()
+        reactor = self.context.reactor
+        # The cache-buster defeats the ~1 s edge cache in front of the endpoint.
+        millis = int(reactor.seconds() * 1000)
+        request = self.request = self.context.http.get_json(
+            f"{self.context.rest_url}/api/v2/order_book/{self.symbol}/?_={millis}"
+        )
+        self.request_purpose = purpose
+        self.verified_at = reactor.seconds()
+        metrics.SNAPSHOT_REQUESTS.labels("bitstamp", purpose).inc()
+        request.addCallbacks(
+            self._answered, self._errored, callbackArgs=(request, purpose), errbackArgs=(request,)
+        )
+
+    def _answered(self, document: Any, request: Any, purpose: str) -> None:
+        if request is self.request:  # else cancelled or superseded
+            self.request = None
+            self.snapshot_answered(document, purpose)
+
+    def _errored(self, reason: Failure, request: Any) -> None:
+        if request is self.request:
+            self.request = None
+            self.snapshot_failed(reason)
+
+    def _reject(self, source: str, error: Exception) -> None:
+        # The next full message heals the book; until then it is withheld.
+        self.context.reject(
+            "bad_number" if isinstance(error, InvalidLevel) else "bad_data",
+            "bitstamp {symbol}: rejected {source} message: {error}",
+            symbol=self.symbol, source=source, error=error,
+        )
+        self.book.mark_stale(f"rejected {source} message: {error}")
+        self.held_time = 0
+        self._set_state(SyncState.RESYNCING, f"rejected {source} message")
+
+    def _note_crossing(self, crossed: bool) -> None:
+        # Bitstamp's published book does cross briefly: keep it (it is what
+        # the exchange shows), count it, log it once per episode.
+        if crossed and not self.crossed:
+            metrics.CROSSED.labels("bitstamp").inc()
+            self.log.info("bitstamp {symbol}: book is crossed (as published)", symbol=self.symbol)
+        self.crossed = crossed
+
+
+class BitstampAdapter:
+    """Bitstamp's wire protocol: one channel per pair, acknowledged per channel."""
+
+    name = "bitstamp"
+    settings = SETTINGS
+    symbol_list_weight = 1.0
+    # Each watched book is checked against REST about this often.
+    verify_interval = 300.0
+    log = Logger()
+
+    def __init__(self, context: FeedContext) -> None:
+        self.context = context
+        self.syncs: dict[str, BookSync] = {}
+        self._replies = PendingReplies(
+            context.reactor, self.settings.reply_timeout, self._unanswered
+        )
         self._verifier: LoopingCall | None = None
-        self._crossed: set[str] = set()
-        self.verify_mismatches = 0
+
+    def connection_url(self, ws_url: str) -> str:
+        return ws_url
 
     def symbol_list_path(self) -> str:
         return "/api/v2/trading-pairs-info/"
@@ -66,185 +272,127 @@ class BitstampFeed(ExchangeFeed):
             if entry.get("trading", "Enabled") == "Enabled"
         ]
 
-    def startService(self) -> None:
-        super().startService()
-        self._verifier = LoopingCall(self._verify_next)
-        self._verifier.clock = self.reactor
-        # Ticks often, verifies at most one stale-enough book per tick: spread out.
-        self._verifier.start(max(self.verify_interval / 100, 1.0), now=False)
+    # -- subscriptions -----------------------------------------------------------
 
-    def stopService(self) -> Any:
-        if self._verifier is not None and self._verifier.running:
-            self._verifier.stop()
-        self._verifier = None
-        return super().stopService()
+    def subscribe_frame(self, connection: Connection, symbols: list[str]) -> Any:
+        (symbol,) = symbols  # settings.symbols_per_frame == 1
+        self._replies.expect(connection, symbol, symbols)
+        return {"event": "bts:subscribe", "data": {"channel": CHANNEL_PREFIX + symbol}}
 
-    # -- demand -------------------------------------------------------------
+    def unsubscribe_frame(self, connection: Connection, symbols: list[str]) -> Any:
+        (symbol,) = symbols
+        self._replies.answered(connection, symbol)
+        return {"event": "bts:unsubscribe", "data": {"channel": CHANNEL_PREFIX + symbol}}
 
-    def start_symbols(self, connection: Connection, symbols: list[str], handover: bool) -> None:
-        for symbol in symbols:
-            connection.send({"event": "bts:subscribe", "data": {"channel": CHANNEL_PREFIX + symbol}})
-            if not handover:
-                self.forget_symbol(symbol)
-                self.book_time[symbol] = 0
-                # Seeded once the subscription is acknowledged: a snapshot taken
-                # earlier could miss a change made before the channel started,
-                # and a quiet pair might not change again for a long time.
-                self._awaiting_seed[symbol] = connection
+    def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
+        metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
+        self.context.problem("subscribe_timeout", "{connection}: no reply to subscribing "
+                             "{symbols}; sending it again", connection=connection.label,
+                             symbols=symbols)
+        self.context.resubscribe(connection, symbols, 0.0)
 
-    def stop_symbols(self, connection: Connection, symbols: list[str]) -> None:
-        for symbol in symbols:
-            connection.send({"event": "bts:unsubscribe", "data": {"channel": CHANNEL_PREFIX + symbol}})
+    # -- syncs ---------------------------------------------------------------------
 
-    def forget_symbol(self, symbol: str) -> None:
-        self.book_time.pop(symbol, None)
-        self._awaiting_seed.pop(symbol, None)
-        self._verified_at.pop(symbol, None)
-        self._crossed.discard(symbol)
-        request = self._snapshot_requests.pop(symbol, None)
-        if request is not None:
-            request.cancel()
+    def start_sync(self, book: ExchangeBook, connection: Connection, subscribed: bool) -> None:
+        sync = self.syncs[book.symbol] = BookSync(self.context, book, connection)
+        if subscribed:
+            sync.subscribed()
+        if self._verifier is None:
+            self._verifier = LoopingCall(self._verify_next)
+            self._verifier.clock = self.context.reactor
+            # Ticks often, verifies at most one stale-enough book per tick: spread out.
+            self._verifier.start(max(self.verify_interval / 100, 1.0), now=False)
+
+    def synced_on(self, symbol: str) -> Connection | None:
+        sync = self.syncs.get(symbol)
+        return sync.connection if sync is not None else None
+
+    def stop_sync(self, symbol: str) -> None:
+        sync = self.syncs.pop(symbol, None)
+        if sync is not None:
+            sync.cancel()
+
+    def connection_reset(self, connection: Connection) -> None:
+        self._replies.forget(connection)
+
+    def handover(self, old: Connection, new: Connection) -> None:
+        for sync in self.syncs.values():
+            if sync.connection is old:
+                sync.connection = new
 
     def idle_probe(self, connection: Connection) -> None:
         connection.send({"event": "bts:heartbeat"})
 
-    # -- REST snapshots: seed and verification ------------------------------------
-
-    def _fetch_snapshot(self, symbol: str, purpose: str) -> None:
-        # The cache-buster defeats the ~1 s edge cache in front of the endpoint.
-        millis = int(self.reactor.seconds() * 1000)
-        request = self._snapshot_requests[symbol] = self.http.get_json(
-            f"{self.rest_url}/api/v2/order_book/{symbol}/?_={millis}"
-        )
-        self._verified_at[symbol] = self.reactor.seconds()
-        metrics.SNAPSHOT_REQUESTS.labels(self.name, purpose).inc()
-        request.addCallbacks(
-            self._snapshot_loaded, self._snapshot_failed,
-            callbackArgs=(symbol, request, purpose), errbackArgs=(symbol, request),
-        )
-
-    def _snapshot_loaded(self, document: Any, symbol: str, request: Any, purpose: str) -> None:
-        if self._snapshot_requests.get(symbol) is not request:
-            return  # cancelled
-        del self._snapshot_requests[symbol]
-        if purpose == "verify":
-            self._verify(symbol, document)
-        else:
-            self._book_message(symbol, document, "snapshot")
-
-    def _snapshot_failed(self, reason: Any, symbol: str, request: Any) -> None:
-        if self._snapshot_requests.get(symbol) is not request:
-            return  # cancelled: the symbol was unwatched or resubscribed
-        del self._snapshot_requests[symbol]
-        # Not fatal: the channel's next message is a full book anyway.
-        self.problems.warn(
-            ("snapshot_failed", symbol),
-            "bitstamp {symbol}: snapshot request failed ({error}); relying on the stream",
-            symbol=symbol, error=reason.value,
-        )
+    def stop(self) -> None:
+        self._replies.clear()
+        if self._verifier is not None and self._verifier.running:
+            self._verifier.stop()
+        self._verifier = None
 
     def _verify_next(self) -> None:
-        now = self.reactor.seconds()
+        now = self.context.reactor.seconds()
         due = [
-            (verified, symbol)
-            for symbol, verified in self._verified_at.items()
-            if now - verified >= self.verify_interval and symbol not in self._snapshot_requests
+            (sync.verified_at, symbol)
+            for symbol, sync in self.syncs.items()
+            if sync.state is SyncState.LIVE and sync.request is None
+            and now - sync.verified_at >= self.verify_interval
         ]
         if due:
-            self._fetch_snapshot(min(due)[1], "verify")
-
-    def _verify(self, symbol: str, document: Any) -> None:
-        held = self.book_time.get(symbol)
-        book = self.books.get(symbol)
-        if held is None or book is None:
-            return
-        try:
-            when = int(document["microtimestamp"])
-            bids = _best_first(parse_levels(document["bids"]), reverse=True)[:VERIFY_DEPTH]
-            asks = _best_first(parse_levels(document["asks"]), reverse=False)[:VERIFY_DEPTH]
-        except (KeyError, TypeError, ValueError):
-            return  # a bad verification snapshot proves nothing either way
-        if when < held or not book.live:
-            return  # the stream is ahead: nothing to compare at the same moment
-        if (book.book.top_bids(len(bids)), book.book.top_asks(len(asks))) == (bids, asks):
-            return
-        self.verify_mismatches += 1
-        metrics.RESYNCS.labels(self.name, "verify_mismatch").inc()
-        self.log.warn(
-            "bitstamp {symbol}: book differs from a newer REST snapshot ({age:.1f}s newer); "
-            "replaced by it", symbol=symbol, age=(when - held) / 1e6,
-        )
-        self._book_message(symbol, document, "verification snapshot")
+            self.syncs[min(due)[1]].fetch("verify")
 
     # -- messages ---------------------------------------------------------------
 
-    def handle(self, connection: Connection, message: Any) -> None:
+    def handle(self, connection: Connection, message: Any, arrival: float) -> None:
         if not isinstance(message, dict):
-            self.reject("unexpected", "bitstamp: unexpected message {message!r}", message=message)
+            self.context.reject("unexpected", "bitstamp: unexpected message {message!r}",
+                                message=message)
             return
         event = message.get("event")
-        channel = message.get("channel") or ""
-        if event == "data" and channel.startswith(CHANNEL_PREFIX):
-            symbol = channel[len(CHANNEL_PREFIX):]
-            if symbol in connection.symbols:
-                self._book_message(symbol, message.get("data"), "stream")
+        channel = message.get("channel")
+        symbol = (
+            channel[len(CHANNEL_PREFIX):]
+            if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX)
+            else None
+        )
+        sync = self.syncs.get(symbol) if symbol is not None else None
+        carries = sync is not None and (
+            connection is sync.connection
+            or self.context.predecessor(connection) is sync.connection
+        )
+        if event == "data" and symbol is not None:
+            if sync is not None and carries:
+                sync.message(message.get("data"), arrival, "stream")
+        elif event == "bts:subscription_succeeded" and symbol is not None:
+            self._replies.answered(connection, symbol)
+            if sync is not None and carries:
+                sync.subscribed()
         elif event == "bts:request_reconnect":
-            self.rotate(connection, "bitstamp asked us to reconnect")
+            self.context.rotate(connection, "bitstamp asked us to reconnect")
         elif event == "bts:error":
-            self.reject("error_reply", "bitstamp: error reply {data!r}", data=message.get("data"))
-        elif event == "bts:subscription_succeeded" and channel.startswith(CHANNEL_PREFIX):
-            symbol = channel[len(CHANNEL_PREFIX):]
-            if self._awaiting_seed.get(symbol) is connection:
-                del self._awaiting_seed[symbol]
-                self._fetch_snapshot(symbol, "snapshot")
+            self._error(connection, message.get("data"))
         elif event in ("bts:unsubscription_succeeded", "bts:heartbeat"):
             pass
         else:
-            self.reject("unexpected", "bitstamp: unexpected event {event!r}", event=event)
+            self.context.reject("unexpected", "bitstamp: unexpected event {event!r}", event=event)
 
-    def _book_message(self, symbol: str, data: Any, source: str) -> None:
-        held = self.book_time.get(symbol)
-        if held is None:
-            return  # not watched (any more)
-        book = self.books[symbol]
-        try:
-            when = int(data["microtimestamp"])
-            bids = parse_levels(data["bids"])
-            asks = parse_levels(data["asks"])
-        except (KeyError, TypeError, ValueError) as error:
-            self._reject(book, source, error)
-            return
-        if when <= held:
-            return  # older than what the book shows (e.g. a lagging snapshot)
-        try:
-            book.replace(bids, asks)
-        except InvalidLevel as error:
-            self._reject(book, source, error)
-            return
-        self.book_time[symbol] = when
-        book.mark_live()
-        self._note_crossing(symbol, book.book.is_crossed())
-
-    def _note_crossing(self, symbol: str, crossed: bool) -> None:
-        # Bitstamp's published book does cross briefly: keep it (it is what
-        # the exchange shows), count it, log it once per episode.
-        if crossed and symbol not in self._crossed:
-            self._crossed.add(symbol)
-            metrics.CROSSED.labels(self.name).inc()
-            self.log.info("bitstamp {symbol}: book is crossed (as published)", symbol=symbol)
-        elif not crossed:
-            self._crossed.discard(symbol)
-
-    def _reject(self, book: Any, source: str, error: Exception) -> None:
-        # The next full message heals the book; until then it is withheld.
-        self.reject(
-            "bad_number" if isinstance(error, InvalidLevel) else "bad_data",
-            "bitstamp {symbol}: rejected {source} message: {error}",
-            symbol=book.symbol, source=source, error=error,
+    def _error(self, connection: Connection, data: Any) -> None:
+        self.context.reject("error_reply", "bitstamp: error reply {data!r}", data=data)
+        # The error names no channel: every subscription this connection
+        # still waits for is retried (an unrelated one answered meanwhile is
+        # not, and a duplicate subscription is harmless).
+        channel = data.get("channel") if isinstance(data, dict) else None
+        symbol = (
+            channel[len(CHANNEL_PREFIX):]
+            if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX) else None
         )
-        book.mark_stale(f"rejected {source} message: {error}")
+        waiting = [symbol] if symbol is not None else self._replies.waiting(connection)
+        for waiting_symbol in waiting:
+            self._replies.answered(connection, waiting_symbol)
+            sync = self.syncs.get(waiting_symbol)
+            if sync is not None:
+                metrics.SUBSCRIBE_RETRIES.labels(self.name, "refused").inc()
+                sync.subscribe_refused(connection, data)
 
 
-def _best_first(levels: list[tuple[float, float]], reverse: bool) -> list[tuple[float, float]]:
+def _best_first(levels: list[Level], reverse: bool) -> list[Level]:
     return sorted((level for level in levels if level[1] > 0.0), reverse=reverse)
-

@@ -88,6 +88,21 @@ def client_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
     return endpoint
 
 
+class NamedEndpoint:
+    """An endpoint that ClientService's own log lines ("Scheduling retry 1 to
+    connect ...") name by venue connection and URL, not by object address."""
+
+    def __init__(self, name: str, endpoint: IStreamClientEndpoint) -> None:
+        self._name = name
+        self._endpoint = endpoint
+
+    def connect(self, factory: Any) -> Deferred:
+        return self._endpoint.connect(factory)
+
+    def __repr__(self) -> str:
+        return self._name
+
+
 def websocket_client_service(
     reactor: Any,
     url: str,
@@ -95,6 +110,7 @@ def websocket_client_service(
     retry_policy: Callable[[int], float],
     auto_ping_interval: float,
     auto_ping_timeout: float,
+    name: str | None = None,
 ) -> ClientService:
     factory = WebSocketClientFactory(url, reactor=reactor)
     factory.protocol = FeedProtocol
@@ -110,7 +126,7 @@ def websocket_client_service(
         maxMessagePayloadSize=0,
     )
     return ClientService(
-        client_endpoint(reactor, url),
+        NamedEndpoint(f"{name or 'websocket'} at {url}", client_endpoint(reactor, url)),
         factory,
         retryPolicy=retry_policy,
         clock=reactor,
