@@ -46,8 +46,10 @@ class FakeHttp:
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, Deferred]] = []
+        self.weights: list[tuple[str, float]] = []
 
     def get_json(self, url: str, weight: float = 1.0) -> Deferred:
+        self.weights.append((url, weight))
         # Like treq, cancelling fails the request with a wrapped error, not
         # necessarily CancelledError itself.
         d = Deferred(lambda d: d.errback(RuntimeError(f"request to {url} cancelled")))

@@ -386,7 +386,7 @@ class BitstampAdapter:
             if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX) else None
         )
         waiting = [symbol] if symbol is not None else self._replies.waiting(connection)
-        for waiting_symbol in waiting:
+        for waiting_symbol in map(str, waiting):
             self._replies.answered(connection, waiting_symbol)
             sync = self.syncs.get(waiting_symbol)
             if sync is not None:

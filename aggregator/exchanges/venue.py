@@ -159,6 +159,10 @@ class PendingReplies:
             timer.cancel()
         return symbols
 
+    def waiting(self, connection: Connection) -> list[object]:
+        """The keys of the requests on `connection` still unanswered."""
+        return [key for pending_connection, key in self._pending if pending_connection is connection]
+
     def forget(self, connection: Connection) -> None:
         for pending_connection, key in list(self._pending):
             if pending_connection is connection:
