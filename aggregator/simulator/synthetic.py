@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Iterator
 
-from twisted.internet.interfaces import IReactorTime
-
-from . import fixtures
+from .clock import Clock
 from .market import Book, Level, Market, fixed
 from .player import PlayedSource, Player, Step
+from .venue import Venue
+from .venues import VENUES
 
-EXCHANGES = ("binance", "bitstamp")
 # Changes per second per exchange+symbol at speed 1.
 RATE = 10.0
 # With loop=False each synthetic market stops after this many changes, so that tests can
@@ -68,7 +67,6 @@ WALK_SIGMA = 0.3  # fair-value step per change
 WALK_REVERSION = 0.0002  # weak pull back to the start mid so long runs stay realistic
 NOISE_SIGMA = 1.0  # stationary std of each exchange's deviation from fair value (crosses ~1-4% of the time)
 NOISE_RHO = 0.98  # its autocorrelation per change
-HALF_SPREAD = {"binance": 0.6, "bitstamp": 1.2}
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
@@ -141,7 +139,8 @@ class _Side:
 class SyntheticBookMaker:
     """Generates the change events of one synthetic exchange+symbol book."""
 
-    def __init__(self, seed: int, exchange: str, spec: SymbolSpec, walk: FairValueWalk, consumer: int):
+    def __init__(self, seed: int, venue: type[Venue], spec: SymbolSpec, walk: FairValueWalk, consumer: int):
+        exchange = venue.name
         self.spec = spec
         self.exchange = exchange
         self._walk = walk
@@ -149,18 +148,12 @@ class SyntheticBookMaker:
         self._rng = _rng(seed, exchange, spec.symbol)
         self._noise_sigma = NOISE_SIGMA * spec.grid
         self._noise = self._rng.gauss(0.0, self._noise_sigma)
-        self._half_spread = HALF_SPREAD[exchange] * spec.grid
+        self._half_spread = venue.synthetic_half_spread * spec.grid
         self.bids = _Side(True)
         self.asks = _Side(False)
         self.first_update_id = self._rng.randrange(10**8, 10**9)
         self._n = 0
-        if exchange == "binance":
-            # Binance writes every number with 8 decimals (PROTOCOLS §1.5).
-            self._price_decimals = self._amount_decimals = 8
-        else:
-            entry = fixtures.bitstamp_pair_entry(spec.symbol) or {}
-            self._price_decimals = int(entry.get("counter_decimals", 8))
-            self._amount_decimals = int(entry.get("base_decimals", 8))
+        self._price_decimals, self._amount_decimals = venue.decimals(spec.symbol, spec.tick_exp)
         self._zero = fixed(0, 0, self._amount_decimals)
         self._initial_book()
 
@@ -285,23 +278,25 @@ class SyntheticBookMaker:
 
 
 class SyntheticSource(PlayedSource):
-    """Synthetic books for SYMBOLS on both exchanges, each changing RATE * speed times a second."""
+    """Synthetic books for SYMBOLS on every venue, each changing RATE * speed times a second."""
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         seed: int = 1,
         speed: float = 1.0,
         loop: bool = True,
         symbols: tuple[str, ...] = SYMBOLS,
+        venues: tuple[type[Venue], ...] = VENUES,
     ):
         super().__init__()
         for spec in SPECS:
             if spec.symbol not in symbols:
                 continue
-            walk = FairValueWalk(seed, spec, len(EXCHANGES))
-            for consumer, exchange in enumerate(EXCHANGES):
-                maker = SyntheticBookMaker(seed, exchange, spec, walk, consumer)
+            walk = FairValueWalk(seed, spec, len(venues))
+            for consumer, venue in enumerate(venues):
+                exchange = venue.name
+                maker = SyntheticBookMaker(seed, venue, spec, walk, consumer)
                 bids, asks = maker.levels()
                 market = Market(exchange, spec.symbol, clock.seconds, Book(bids, asks), maker.first_update_id)
                 self.markets[(exchange, spec.symbol)] = market

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .clock import Clock
 from .connections import ConnectionSet
 from .faults import REASON_PONG_TIMEOUT, Violation, valid_close_code
 
@@ -197,7 +197,7 @@ class SimServerFactory(WebSocketServerFactory):
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: Clock,
         on_violation: Callable[[Violation], None] | None = None,
         max_messages_per_second: int | None = None,
         connection_lifetime: float | None = None,
