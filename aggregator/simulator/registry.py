@@ -48,15 +48,19 @@ class Param:
     parse: Callable[[str], Any] = str
     default: Any = REQUIRED
     shape: str = ""  # how FAULTS.md writes the value when the default does not say it
+    note: str = ""  # FAULTS.md: said after it in brackets
 
     def usage(self) -> str:
+        """How FAULTS.md writes it: `name` (required), `name?` (optional), `name=default`."""
         if self.shape:
-            return f"{self.name}={self.shape}"
-        if self.default is REQUIRED:
-            return self.name
-        if self.default is None:
-            return f"{self.name}?"
-        return f"{self.name}={self.default}"
+            text = f"{self.name}={self.shape}"
+        elif self.default is REQUIRED:
+            text = self.name
+        elif self.default is None:
+            text = f"{self.name}?"
+        else:
+            text = f"{self.name}={self.default}"
+        return f"{text} ({self.note})" if self.note else text
 
 
 @dataclass(frozen=True)
@@ -300,7 +304,7 @@ FAULTS: tuple[Fault, ...] = (
         "inject_random_fault",
         "One random recoverable fault now (from `names`, default the configured ones or every fault "
         "random mode draws); returns its one-line description.",
-        (Param("names", names, None, shape="? (comma-separated)"),),
+        (Param("names", names, None, note="comma-separated"),),
     ),
 )
 
