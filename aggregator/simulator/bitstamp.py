@@ -29,7 +29,7 @@ from .clock import Clock
 from .faults import BAD_FRAME_KINDS, Violation
 from .market import Market, Update
 from .rest import RestGate, WeightLimiter
-from .venue import Venue, VenueSetup
+from .venue import Servers, Venue, VenueSetup
 from .wsserver import SimServerFactory, SimServerProtocol
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ class BitstampVenue(Venue):
     close_reasons = (MAINTENANCE_CLOSE,)
     asks_reconnect = True
 
-    def __init__(self, setup: VenueSetup):
+    def build(self, setup: VenueSetup) -> Servers:
         ws = BitstampWebSocketFactory(setup.markets, setup.reactor, on_violation=setup.on_violation)
         resource = BitstampRestResource(setup.markets, pairs_info(setup.markets, setup.listings))
         gate = RestGate(
@@ -384,9 +384,10 @@ class BitstampVenue(Venue):
             on_violation=setup.on_violation,
             control=setup.control,
         )
-        super().__init__(setup, ws, ws.hub, resource, gate)
+        # Typed as what they are (Servers only promises the venue interface): the faults need them.
         self._channels = ws.hub
         self._ws = ws
+        return Servers(ws, ws.hub, resource, gate)
 
     @staticmethod
     def decimals(symbol: str, tick_exp: int) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, Sequence, TextIO, cast
 
 from twisted.python import usage
 
@@ -110,10 +110,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"{options.synopsis}\naggregator-sim: {e}", file=sys.stderr)
         return 2
 
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.internet import reactor as global_reactor
+    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # Typed as what it is: mypy cannot check calls against twisted's zope interfaces.
+    reactor: Any = global_reactor
+    observer = cast(ILogObserver, textFileLogObserver(sys.stderr))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sim = make_service(options, reactor)
     if options["source"] == "scale":
         # This process is the simulator alone: keep the collector off the long-lived heap

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
+from twisted.internet.task import LoopingCall
+
 
 class DelayedCall(Protocol):
     def active(self) -> bool: ...
@@ -20,3 +22,10 @@ class Clock(Protocol):
     def seconds(self) -> float: ...
 
     def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> DelayedCall: ...
+
+
+def looping_call(clock: Clock, f: Callable[..., Any], *args: Any) -> LoopingCall:
+    """A LoopingCall of f(*args) on `clock` (not started)."""
+    loop = LoopingCall(f, *args)
+    loop.clock = clock  # type: ignore[assignment]  # LoopingCall declares the zope interface
+    return loop

@@ -34,7 +34,8 @@ class _BadRequest(Exception):
 
 
 def _arg(request: Request, param: Param) -> Any:
-    values = (request.args or {}).get(param.name.encode())
+    args: dict[bytes, list[bytes]] = request.args or {}
+    values = args.get(param.name.encode())
     if not values or values[0] == b"":
         if param.default is REQUIRED:
             raise _BadRequest(f"missing parameter {param.name!r}")

@@ -174,7 +174,8 @@ class RestGate(Resource):
             self._on_violation(Violation(now, self.exchange, kind, f"{path}?{query} weight {weight}"))
         if status == DROP:
             self.log.info("fault: {exchange} REST {path} dropped", exchange=self.exchange, path=path)
-            request.channel.transport.abortConnection()
+            transport: Any = request.channel.transport  # a TCP transport, which can abort
+            transport.abortConnection()
             return NOT_DONE_YET
         if self._used_header is not None:
             request.setHeader(self._used_header, str(used).encode())
@@ -249,7 +250,9 @@ class QuietSite(Site):
     twisted.web's line per timed-out client."""
 
     noisy = False
-    protocol = _QuietChannel
+    # A plain HTTP/1.1 channel: without TLS there is no HTTP/2 to negotiate, which is all the
+    # default protocol factory adds (and its declared type).
+    protocol = _QuietChannel  # type: ignore[assignment]
 
     def log(self, request: Any) -> None:
         pass

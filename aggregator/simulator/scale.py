@@ -30,7 +30,7 @@ from typing import Any, Callable
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .clock import Clock
+from .clock import Clock, looping_call
 from .market import Book, Level, Market, fixed
 from .player import PlayedSource
 from .venue import Venue
@@ -288,8 +288,7 @@ class ScaleSource(PlayedSource):
         self._started = True
         self._last = self._clock.seconds()
         if not self._finished:
-            self._loop = LoopingCall(self.run_tick)
-            self._loop.clock = self._clock
+            self._loop = looping_call(self._clock, self.run_tick)
             self._loop.start(self.tick, now=False)
 
     def stop(self) -> None:

@@ -7,11 +7,10 @@ from __future__ import annotations
 import random
 from collections import Counter
 from functools import partial
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -32,6 +31,14 @@ __all__ = ["EXCHANGES", "RANDOM_FAULTS", "SOURCES", "SimulatorService", "parse_f
 SOURCES = ("synthetic", "recorded", "both", "scale")
 # Two listeners per venue, in the order of `urls`.
 ENDPOINTS = tuple(f"{name}_{kind}" for name in EXCHANGES for kind in ("ws", "rest"))
+
+
+class ListeningPort(Protocol):
+    """What listenTCP returns (IListeningPort, as a typing Protocol: see clock.py)."""
+
+    def getHost(self) -> Any: ...
+
+    def stopListening(self) -> Deferred[None] | None: ...
 
 
 def _normalise_ports(ports: Mapping[str, int] | None) -> dict[str, int]:
@@ -162,7 +169,7 @@ class SimulatorService(Service):
         }
         if self._scale is not None:
             self._scale.tick_listeners.extend(venue.end_tick for venue in self._venues.values())
-        self._listening: list[IListeningPort] = []
+        self._listening: list[ListeningPort] = []
 
         self._fault_names = parse_fault_names(faults)
         self._random_faults = RandomFaults(reactor, self._choose_fault, seed=seed, interval=fault_interval)
@@ -277,9 +284,9 @@ class SimulatorService(Service):
             raise KeyError(f"{exchange}:{symbol} is not served")
         return venue
 
-    def _listeners(self) -> dict[str, Factory]:
+    def _listeners(self) -> dict[str, Factory[Any]]:
         """The factory of each listener, by ENDPOINTS name."""
-        factories: dict[str, Factory] = {}
+        factories: dict[str, Factory[Any]] = {}
         for name, venue in self._venues.items():
             factories[f"{name}_ws"] = venue.ws
             factories[f"{name}_rest"] = venue.rest_site
@@ -302,9 +309,7 @@ class SimulatorService(Service):
                 drops.append(venue.ws.connections.drop_all())
             if rest:
                 drops.append(venue.rest_site.connections.drop_all())
-        d = gatherResults(drops)
-        d.addCallback(lambda _: None)
-        return d
+        return gatherResults(drops).addCallback(lambda _: None)
 
     # ------------------------------------------------------------ faults: websocket
 
@@ -461,8 +466,6 @@ class SimulatorService(Service):
         for venue in self._venues.values():
             venue.stop()
         listening, self._listening = self._listening, []
-        waits = [maybeDeferred(port.stopListening) for port in listening]
+        waits: list[Deferred[Any]] = [maybeDeferred(port.stopListening) for port in listening]
         waits.append(self.drop_clients())
-        d = gatherResults(waits)
-        d.addCallback(lambda _: None)
-        return d
+        return gatherResults(waits).addCallback(lambda _: None)

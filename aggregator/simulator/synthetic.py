@@ -231,10 +231,10 @@ class SyntheticBookMaker:
         # Follow the quote: levels inside the new limits are pulled, best first. Never the last
         # level of a side; a big jump takes a few events to follow (each event is 1-5 levels).
         for side, inside in ((self.bids, lambda t: t > bid_cap), (self.asks, lambda t: t < ask_floor)):
-            while budget and len(side) > 1 and inside(side.best()):
-                tick = side.best()
-                touch(side, tick)
-                side.delete(tick)
+            while budget and len(side) > 1 and inside(side.at_rank(0)):
+                best = side.at_rank(0)
+                touch(side, best)
+                side.delete(best)
                 budget -= 1
 
         for _ in range(budget):
@@ -270,10 +270,10 @@ class SyntheticBookMaker:
             (bids if is_bid else asks).append(self._level(tick, after))
         if not bids and not asks:
             # Rare; still a change event, never an empty one.
-            tick = self.bids.best()
-            lots = self.bids.lots[tick] + 1  # type: ignore[index]
-            self.bids.set(tick, lots)  # type: ignore[arg-type]
-            bids.append(self._level(tick, lots))  # type: ignore[arg-type]
+            best = self.bids.at_rank(0)  # never empty
+            lots = self.bids.lots[best] + 1
+            self.bids.set(best, lots)
+            bids.append(self._level(best, lots))
         return bids, asks
 
 

@@ -10,10 +10,10 @@ What a venue provides:
 - class level, used by the data sources before any server exists: its `name`, how its books
   are written (`decimals`, `first_update_id`), how it lists generated symbols
   (`scale_listing`), its share of the scale source's rate and its synthetic half-spread;
-- per instance: its websocket server factory (`ws`, a wsserver.SimServerFactory, which also
-  owns the stall / close / drop faults), the hub that turns book changes into its frames
-  (`hub`, see `Hub`), its REST resource behind a rest.RestGate (`gate`: request log, limits,
-  REST faults), served by `rest_site`;
+- per instance (`build` makes them, as `Servers`): its websocket server factory (`ws`, a
+  wsserver.SimServerFactory, which also owns the stall / close / drop faults), the hub that
+  turns book changes into its frames (`hub`, see `Hub`), its REST resource (`snapshots`)
+  behind a rest.RestGate (`gate`: request log, limits, REST faults), served by `rest_site`;
 - how each book fault of faults.FAULTS applies to it: `lose_next_update`, `skip_updates`,
   `send_bad_frame`, `stale_snapshot`, `request_reconnect`, and the close frames random mode
   draws from (`close_reasons`).
@@ -90,9 +90,19 @@ class VenueSetup:
     batch: bool  # scale source: every change event is its own frame
 
 
+@dataclass(frozen=True)
+class Servers:
+    """The parts of a venue's simulator that serve its clients."""
+
+    ws: SimServerFactory  # the websocket listener's factory; owns stall, close and drop
+    hub: Hub
+    snapshots: Snapshots  # the REST resource
+    gate: RestGate  # in front of the REST resource: log, limits, REST faults, /_sim/
+
+
 class Venue(ABC):
     """One exchange's simulator (see the module docstring). Subclasses set the class
-    attributes and build their parts in __init__, then hand them to `super().__init__`."""
+    attributes and build their servers in `build`."""
 
     name: ClassVar[str]
     # Scale source: this venue's change events per second, as a share of the `rate` asked for.
@@ -104,14 +114,19 @@ class Venue(ABC):
     # Whether the venue can ask its clients to reconnect (the request_reconnect fault).
     asks_reconnect: ClassVar[bool] = False
 
-    def __init__(self, setup: VenueSetup, ws: SimServerFactory, hub: Hub, snapshots: Snapshots, gate: RestGate):
+    def __init__(self, setup: VenueSetup) -> None:
         self.markets = setup.markets
-        self.ws = ws
-        self.hub = hub
-        self.snapshots = snapshots
-        self.gate = gate
+        servers = self.build(setup)
+        self.ws = servers.ws
+        self.hub = servers.hub
+        self.snapshots = servers.snapshots
+        self.gate = servers.gate
         # The REST listener's factory; it tracks the connections, so that they can be dropped.
-        self.rest_site = TrackingFactory(QuietSite(gate, reactor=setup.reactor))
+        self.rest_site = TrackingFactory(QuietSite(servers.gate, reactor=setup.reactor))
+
+    @abstractmethod
+    def build(self, setup: VenueSetup) -> Servers:
+        """Make the venue's servers for these markets and settings."""
 
     # ------------------------------------------------------------ how its books look
 

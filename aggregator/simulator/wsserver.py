@@ -49,6 +49,12 @@ class SimServerProtocol(WebSocketServerProtocol):
     # Autobahn uses self.log (a txaio logger) internally: ours gets another name.
     _log = Logger()
     factory: "SimServerFactory"
+    # A TCP transport (TCP_NODELAY, pause/resume, writeSequence); twisted types it as the
+    # optional ITransport.
+    transport: Any
+    # Set by autobahn from the factory's protocol options.
+    autoPingInterval: float
+    autoPingTimeout: float
 
     def connectionMade(self) -> None:
         self.stalled = False
@@ -191,6 +197,8 @@ class SimServerFactory(WebSocketServerFactory):
 
     noisy = False
     _logger = Logger()
+    # A SimServerProtocol subclass (mypy does not see autobahn's protocols as twisted ones).
+    protocol: Any
     exchange = ""
     lifetime_close = (1001, "connection lifetime over")
     too_many_messages_close = (1008, "Too many messages")

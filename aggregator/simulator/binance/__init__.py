@@ -16,7 +16,7 @@ from .. import fixtures
 from ..faults import REASON_24H, REASON_PONG_TIMEOUT
 from ..market import fixed
 from ..rest import RestGate, WeightLimiter
-from ..venue import Venue, VenueSetup
+from ..venue import Servers, Venue, VenueSetup
 from .hub import DepthHub
 from .rest import (
     BAN_SECONDS,
@@ -55,7 +55,7 @@ class BinanceVenue(Venue):
     synthetic_half_spread = 0.6
     close_reasons = ((1001, REASON_24H), (1008, REASON_PONG_TIMEOUT))
 
-    def __init__(self, setup: VenueSetup):
+    def build(self, setup: VenueSetup) -> Servers:
         limits = setup.limits
         ws = BinanceWebSocketFactory(
             setup.markets,
@@ -82,8 +82,9 @@ class BinanceVenue(Venue):
             on_violation=setup.on_violation,
             control=setup.control,
         )
-        super().__init__(setup, ws, ws.hub, resource, gate)
+        # The hub as what it is (Servers.hub only promises venue.Hub): the faults need it.
         self._depth = ws.hub
+        return Servers(ws, ws.hub, resource, gate)
 
     @staticmethod
     def decimals(symbol: str, tick_exp: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ..clock import Clock
+from ..clock import Clock, looping_call
 from ..faults import BAD_FRAME_KINDS
 from ..market import Level, Market, Update
 from ..wsserver import ws_frame
@@ -176,8 +176,7 @@ class DepthHub:
         if self.batch:
             return
         for interval in INTERVALS:
-            loop = LoopingCall(self.flush, interval)
-            loop.clock = self._clock
+            loop = looping_call(self._clock, self.flush, interval)
             loop.start(interval, now=False)
             self._loops.append(loop)
 

@@ -139,7 +139,8 @@ class BinanceRestResource(Resource):
 
     @staticmethod
     def _arg(request: Request, name: str) -> str | None:
-        values = (request.args or {}).get(name.encode())
+        args: dict[bytes, list[bytes]] = request.args or {}
+        values = args.get(name.encode())
         return values[0].decode("utf-8", "replace") if values else None
 
     def _depth(self, request: Request) -> bytes:
