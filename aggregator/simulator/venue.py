@@ -14,7 +14,7 @@ What a venue provides:
   wsserver.SimServerFactory, which also owns the stall / close / drop faults), the hub that
   turns book changes into its frames (`hub`, see `Hub`), its REST resource (`snapshots`)
   behind a rest.RestGate (`gate`: request log, limits, REST faults), served by `rest_site`;
-- how each book fault of faults.FAULTS applies to it: `lose_next_update`, `skip_updates`,
+- how each book fault of registry.FAULTS applies to it: `lose_next_update`, `skip_updates`,
   `send_bad_frame`, `stale_snapshot`, `request_reconnect`, and the close frames random mode
   draws from (`close_reasons`).
 """
