@@ -328,7 +328,7 @@ def _close(frames: list[tuple[int, bytes]]) -> tuple[int, str] | None:
 
 def test_binance_message_rate_limit_counts_control_frames():
     with clocked(source="synthetic") as (sim, clock):
-        conn = _Conn(sim._binance_ws, b"/stream?streams=ethbtc@depth@100ms")
+        conn = _Conn(sim._venues["binance"].ws, b"/stream?streams=ethbtc@depth@100ms")
         # 4 per second (PROTOCOLS' advice) is fine, pings included, also for a long time.
         for _ in range(12):
             conn.send(9, b"p")
@@ -348,7 +348,7 @@ def test_binance_message_rate_limit_counts_control_frames():
 
 def test_binance_stream_limit_per_connection():
     with clocked(source="synthetic") as (sim, clock):
-        conn = _Conn(sim._binance_ws, b"/stream?streams=ethbtc@depth@100ms")
+        conn = _Conn(sim._venues["binance"].ws, b"/stream?streams=ethbtc@depth@100ms")
         names = [f"x{i}usdt@depth" for i in range(1000)]
         conn.send(1, orjson.dumps({"method": "SUBSCRIBE", "params": names, "id": 1}))
         clock.advance(1)
@@ -369,7 +369,7 @@ def test_binance_stream_limit_per_connection():
 def test_binance_pong_timeout_closes_with_1008():
     with clocked(source="synthetic") as (sim, clock):
         sim.pause()  # only keepalive matters here
-        conn = _Conn(sim._binance_ws, b"/stream?streams=ethbtc@depth@100ms")
+        conn = _Conn(sim._venues["binance"].ws, b"/stream?streams=ethbtc@depth@100ms")
         pinged = []
         for _ in range(25):
             clock.advance(1.0)
@@ -393,7 +393,7 @@ def test_binance_pong_timeout_closes_with_1008():
 def test_binance_24h_limit_with_a_well_behaved_client():
     with clocked(source="recorded", connection_lifetime=100.0) as (sim, clock):
         sim.pause()
-        conn = _Conn(sim._binance_ws, b"/stream?streams=nknusdt@depth@100ms")
+        conn = _Conn(sim._venues["binance"].ws, b"/stream?streams=nknusdt@depth@100ms")
         closed = None
         for _ in range(101):
             clock.advance(1.0)
@@ -409,13 +409,13 @@ def test_binance_24h_limit_with_a_well_behaved_client():
 
 def test_stall_for_a_duration_on_the_clock():
     with clocked(source="synthetic", speed=5.0) as (sim, clock):
-        old = _Conn(sim._bitstamp_ws, b"/")
+        old = _Conn(sim._venues["bitstamp"].ws, b"/")
         old.send(1, orjson.dumps({"event": "bts:subscribe", "data": {"channel": "order_book_ethbtc"}}))
         clock.advance(0.5)
         assert any(op == 1 and b'"event":"data"' in p for op, p in old.received())
         assert sim.stall("bitstamp", duration=10.0) == 1 and sim.stalled("bitstamp") == 1
         assert old.transport.producerState == "paused"  # not reading: heartbeats wait
-        new = _Conn(sim._bitstamp_ws, b"/")  # a fresh connection is served
+        new = _Conn(sim._venues["bitstamp"].ws, b"/")  # a fresh connection is served
         new.send(1, orjson.dumps({"event": "bts:heartbeat"}))
         assert orjson.loads(new.received()[0][1])["event"] == "bts:heartbeat"
         clock.advance(9.9)
@@ -434,7 +434,7 @@ def test_stall_for_a_duration_on_the_clock():
 
 def test_binance_stall_suspends_pings_and_burst_after_is_not_a_violation():
     with clocked(source="synthetic") as (sim, clock):
-        conn = _Conn(sim._binance_ws, b"/stream?streams=ethbtc@depth@100ms")
+        conn = _Conn(sim._venues["binance"].ws, b"/stream?streams=ethbtc@depth@100ms")
         clock.advance(1)
         conn.received()
         sim.pause()  # only keepalive matters here

@@ -28,8 +28,8 @@ def test_scale_rate_ids_send_time_and_true_book_on_the_clock():
         initial = {s: sim.market("binance", s).book.levels() for s in names}
         first_ids = {s: sim.market("binance", s).last_update_id for s in names}
         streams = "/".join(f"{s}@depth@100ms" for s in names)
-        conn = _Conn(sim._binance_ws, b"/stream?streams=" + streams.encode())
-        bitstamp = _Conn(sim._bitstamp_ws, b"/")
+        conn = _Conn(sim._venues["binance"].ws, b"/stream?streams=" + streams.encode())
+        bitstamp = _Conn(sim._venues["bitstamp"].ws, b"/")
         for pair in names[:3]:
             bitstamp.send(1, orjson.dumps({"event": "bts:subscribe", "data": {"channel": "order_book_" + pair}}))
         bitstamp.received()

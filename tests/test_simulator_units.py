@@ -512,3 +512,48 @@ def test_service_arguments():
     assert sim.symbols("binance") == sim.symbols("bitstamp") == sorted(SYMBOLS)
     bids, asks = sim.true_book("bitstamp", "btceur")
     assert bids[0][0] < asks[0][0] and len(bids) >= 50
+
+
+def test_rest_site_times_out_idle_clients_without_a_log_line():
+    from twisted.internet.testing import MemoryReactorClock, StringTransport
+    from twisted.logger import globalLogPublisher
+    from twisted.web.resource import Resource
+
+    from aggregator.simulator.rest import QuietSite
+
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        clock = MemoryReactorClock()
+        site = QuietSite(Resource(), reactor=clock)
+        channel = site.buildProtocol(None)
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        clock.advance(site.timeOut + 1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.disconnecting  # timed out
+    assert not [e for e in events if "out client" in e.get("log_format", "")]
+
+
+def test_subscribing_and_unsubscribing_log_nothing():
+    import orjson
+    from twisted.logger import globalLogPublisher
+
+    from tests.test_simulator_faults import _Conn, clocked
+
+    events: list[dict] = []
+    with clocked(source="synthetic") as (sim, clock):
+        globalLogPublisher.addObserver(events.append)
+        try:
+            binance = _Conn(sim._venues["binance"].ws, b"/stream?streams=ethbtc@depth@100ms")
+            for method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+                binance.send(1, orjson.dumps({"method": method, "params": ["btcusdt@depth"], "id": 1}))
+            bitstamp = _Conn(sim._venues["bitstamp"].ws, b"/")
+            for event in ("bts:subscribe", "bts:unsubscribe"):
+                bitstamp.send(1, orjson.dumps({"event": event, "data": {"channel": "order_book_ethbtc"}}))
+            clock.advance(1)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+    assert len(binance.received()) >= 2 and len(bitstamp.received()) == 2
+    assert [e["log_format"] for e in events if e.get("log_namespace", "").startswith("aggregator.simulator")] == []

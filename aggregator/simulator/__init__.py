@@ -4,6 +4,11 @@ Serves the public websocket and REST protocols of both exchanges (PROTOCOLS.md Â
 synthetic or recorded books. Used as `twistd aggregator --demo`'s data, by end-to-end tests and
 by benchmarks; standalone as `aggregator-sim`.
 
+Layout: one `venue.Venue` per exchange (bitstamp.py, the binance package; listed in
+venues.py), data sources (synthetic, recorded, scale) feeding `market.Market` books, one
+fault registry (registry.py) behind random mode, the control endpoint and FAULTS.md, and
+`service.SimulatorService` holding it all together.
+
 It never imports the daemon's code: a shared misunderstanding of a protocol must not be able
 to pass every test.
 

@@ -5,6 +5,9 @@ endpoints.
 Each change event of a pair is sent at once: diff_order_book_<pair> gets the changed levels,
 order_book_<pair> the full top 100 after the change. Nothing is sent on subscribe.
 Client heartbeats are answered (unless the connection is stalled, see wsserver).
+
+`BitstampVenue` is the whole venue as SimulatorService sees it (venue.Venue): a new venue's
+simulator is one module like this one.
 """
 
 from __future__ import annotations
@@ -13,19 +16,24 @@ import copy
 import json
 import re
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import orjson
 from autobahn.websocket.types import ConnectionRequest
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from . import fixtures
+from .clock import Clock
 from .faults import BAD_FRAME_KINDS, Violation
 from .market import Market, Update
+from .rest import RestGate, WeightLimiter
+from .venue import Servers, Venue, VenueSetup
 from .wsserver import SimServerFactory, SimServerProtocol
+
+if TYPE_CHECKING:
+    from .scale import ScaleSpec
 
 # Channel types Bitstamp knows; only the two book channels carry data here, the others are
 # acknowledged and stay silent (as an unknown pair does on the real service).
@@ -35,6 +43,11 @@ CHANNEL_RE = re.compile(
 TOP = 100  # levels per side in order_book_ messages
 ORDER_BOOK_RE = re.compile(r"^/api/v2/order_book/([^/]+)/?$")
 PAIRS_INFO_RE = re.compile(r"^/api/v2/trading-pairs-info/?$")
+# REST: requests per 10 minutes (PROTOCOLS §2.6); over it 429, no bans.
+REQUEST_LIMIT = 10_000
+REQUEST_WINDOW = 600.0
+# After bts:request_reconnect with close_after, the old connections are closed with this.
+MAINTENANCE_CLOSE = (1001, "Server maintenance")
 NOT_FOUND_HTML = (
     b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>"
     b"<body><h1>Not Found</h1><p>The requested resource was not found.</p></body></html>\n"
@@ -172,7 +185,7 @@ class ChannelHub:
             self._lose[pair] -= 1
             if not self._lose[pair]:
                 del self._lose[pair]
-            self.log.info("fault: lost a frame of {channel}", channel=diff)
+            self.log.info("fault: bitstamp lost a frame of {channel}", channel=diff)
         elif diff in self._subs:
             self._send(diff, pair, data_frame(diff, update.microtimestamp, update.bids, update.asks))
         full = "order_book_" + pair
@@ -267,19 +280,17 @@ class BitstampProtocol(SimServerProtocol):
                 del self.channels[channel]
                 self.factory.hub.unsubscribe(self, channel)
             self._reply("bts:unsubscription_succeeded", channel, {})
-        self._log.debug("bitstamp client {peer} {event} {channel}", peer=self.peer, event=event, channel=channel)
 
 
 class BitstampWebSocketFactory(SimServerFactory):
     protocol = BitstampProtocol
     exchange = "bitstamp"
-    # After bts:request_reconnect with close_after, the old connections are closed with this.
-    reconnect_close = (1001, "Server maintenance")
+    reconnect_close = MAINTENANCE_CLOSE
 
     def __init__(
         self,
         markets: Mapping[str, Market],
-        reactor: IReactorTime,
+        reactor: Clock,
         on_violation: Callable[[Violation], None] | None = None,
     ):
         super().__init__(reactor, on_violation)
@@ -353,3 +364,59 @@ class BitstampRestResource(Resource):
         body = {"timestamp": timestamp, "microtimestamp": micro, "bids": bids, "asks": asks}
         request.setHeader(b"content-type", b"application/json")
         return json.dumps(body).encode()
+
+
+class BitstampVenue(Venue):
+    name = "bitstamp"
+    scale_share = 0.1
+    synthetic_half_spread = 1.2
+    close_reasons = (MAINTENANCE_CLOSE,)
+    asks_reconnect = True
+
+    def build(self, setup: VenueSetup) -> Servers:
+        ws = BitstampWebSocketFactory(setup.markets, setup.reactor, on_violation=setup.on_violation)
+        resource = BitstampRestResource(setup.markets, pairs_info(setup.markets, setup.listings))
+        gate = RestGate(
+            self.name,
+            resource,
+            setup.reactor,
+            WeightLimiter(setup.limits.bitstamp_request_limit, REQUEST_WINDOW, None),
+            on_violation=setup.on_violation,
+            control=setup.control,
+        )
+        # Typed as what they are (Servers only promises the venue interface): the faults need them.
+        self._channels = ws.hub
+        self._ws = ws
+        return Servers(ws, ws.hub, resource, gate)
+
+    @staticmethod
+    def decimals(symbol: str, tick_exp: int) -> tuple[int, int]:
+        # A recorded pair is written with its listed decimals, a generated one to its tick.
+        entry = fixtures.bitstamp_pair_entry(symbol)
+        if entry is None:
+            return tick_exp, 8
+        return int(entry.get("counter_decimals", 8)), int(entry.get("base_decimals", 8))
+
+    @staticmethod
+    def scale_listing(spec: ScaleSpec) -> dict:
+        return {
+            "trading": "Enabled",
+            "base_decimals": 8,
+            "url_symbol": spec.symbol,
+            "name": f"{spec.base}/{spec.quote}",
+            "instant_and_market_orders": "Enabled",
+            "minimum_order": f"10.0 {spec.quote}",
+            "counter_decimals": spec.tick_exp,
+            "description": f"{spec.base} / Tether",
+        }
+
+    def lose_next_update(self, symbol: str) -> None:
+        # diff_order_book_ loses a frame; Bitstamp has no sequence numbers to show it.
+        self._channels.lose_next(symbol)
+
+    def skip_updates(self, symbol: str, count: int) -> None:
+        # No ids to skip: the gap is `count` lost diff_order_book_ frames.
+        self._channels.lose_next(symbol, count)
+
+    def request_reconnect(self, close_after: float | None) -> int:
+        return self._ws.request_reconnect(close_after)

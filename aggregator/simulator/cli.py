@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Sequence, TextIO
+from typing import Any, Sequence, TextIO, cast
 
 from twisted.python import usage
 
 from .scale import DEFAULT_RATE, DEFAULT_SYMBOLS, DEFAULT_TICK
 from .service import SOURCES, SimulatorService, parse_fault_names
+from .venues import EXCHANGES
+
+# --<venue>-ws-port and --<venue>-rest-port for every venue.
+PORT_OPTIONS = tuple(
+    (f"{name}-{kind}-port", None, 0, f"{name.capitalize()} {label} port (0 = any free port).", int)
+    for name in EXCHANGES
+    for kind, label in (("ws", "websocket"), ("rest", "REST"))
+)
 
 
 class Options(usage.Options):
@@ -32,10 +40,7 @@ class Options(usage.Options):
         ["seed", None, 1, "Seed of the synthetic books.", int],
         ["speed", None, 1.0, "Time multiplier (recorded gaps divided, synthetic rates multiplied).", float],
         ["host", None, "127.0.0.1", "Interface to listen on."],
-        ["binance-ws-port", None, 0, "Binance websocket port (0 = any free port).", int],
-        ["binance-rest-port", None, 0, "Binance REST port (0 = any free port).", int],
-        ["bitstamp-ws-port", None, 0, "Bitstamp websocket port (0 = any free port).", int],
-        ["bitstamp-rest-port", None, 0, "Bitstamp REST port (0 = any free port).", int],
+        *PORT_OPTIONS,
         ["symbols", None, DEFAULT_SYMBOLS, "Scale mode: number of generated symbols.", int],
         ["rate", None, DEFAULT_RATE, "Scale mode: Binance change events per second, all symbols together.", float],
         ["bitstamp-rate", None, None, "Scale mode: Bitstamp change events per second (default rate/10).", float],
@@ -51,7 +56,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--source must be one of {', '.join(SOURCES)}")
         if not self["speed"] > 0:
             raise usage.UsageError("--speed must be > 0")
-        for name in ("binance-ws-port", "binance-rest-port", "bitstamp-ws-port", "bitstamp-rest-port"):
+        for name, _, _, _, _ in PORT_OPTIONS:
             if not 0 <= self[name] <= 65535:
                 raise usage.UsageError(f"--{name} must be a port number")
         if self["symbols"] < 1:
@@ -77,12 +82,7 @@ def make_service(options: Options, reactor: Any = None) -> SimulatorService:
         speed=options["speed"],
         loop=not options["no-loop"],
         host=options["host"],
-        ports={
-            "binance_ws": options["binance-ws-port"],
-            "binance_rest": options["binance-rest-port"],
-            "bitstamp_ws": options["bitstamp-ws-port"],
-            "bitstamp_rest": options["bitstamp-rest-port"],
-        },
+        ports={name.removesuffix("-port").replace("-", "_"): options[name] for name, _, _, _, _ in PORT_OPTIONS},
         symbols=options["symbols"],
         rate=options["rate"],
         bitstamp_rate=options["bitstamp-rate"],
@@ -110,10 +110,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         print(f"{options.synopsis}\naggregator-sim: {e}", file=sys.stderr)
         return 2
 
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.internet import reactor as global_reactor
+    from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    # Typed as what it is: mypy cannot check calls against twisted's zope interfaces.
+    reactor: Any = global_reactor
+    observer = cast(ILogObserver, textFileLogObserver(sys.stderr))
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sim = make_service(options, reactor)
     if options["source"] == "scale":
         # This process is the simulator alone: keep the collector off the long-lived heap

@@ -11,7 +11,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import ITransport
+from twisted.internet.protocol import connectionDone
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 
 
 class ConnectionSet:
@@ -58,7 +60,7 @@ class _TrackedProtocol(ProtocolWrapper):
         self.factory.connections.add(self, transport)  # type: ignore[attr-defined]
         super().makeConnection(transport)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             super().connectionLost(reason)
         finally:

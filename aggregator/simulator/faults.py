@@ -13,9 +13,10 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+
+from .clock import Clock, looping_call
 
 # send_bad_frame kinds. Every kind but "unknown_event" is corruption: on Binance it uses up one
 # update id (as if the real message had been mangled in flight), so a client that rejects it,
@@ -85,7 +86,7 @@ class RandomFaults:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         choose: Callable[[random.Random], tuple[str, Callable[[], Any]]],
         seed: int = 1,
         interval: float = 5.0,
@@ -101,8 +102,7 @@ class RandomFaults:
 
     def start(self) -> None:
         if self._loop is None:
-            self._loop = LoopingCall(self.inject)
-            self._loop.clock = self._clock
+            self._loop = looping_call(self._clock, self.inject)
             self._loop.start(self.interval, now=False)
 
     def stop(self) -> None:

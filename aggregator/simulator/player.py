@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
 from twisted.logger import Logger
 
+from .clock import Clock, DelayedCall
 from .market import Market
 
 # (script time in seconds, action). Script times never decrease.
@@ -30,7 +31,7 @@ class Player:
     # Slack so that a timer landing a rounding error before the due time does not respin.
     EPSILON = 1e-9
 
-    def __init__(self, clock: IReactorTime, script: Iterable[Step], speed: float = 1.0, name: str = ""):
+    def __init__(self, clock: Clock, script: Iterable[Step], speed: float = 1.0, name: str = ""):
         if not speed > 0:
             raise ValueError("speed must be > 0")
         self._clock = clock
@@ -42,7 +43,7 @@ class Player:
         self._position = 0.0  # script time reached when last deactivated
         self._started = False
         self._paused = False
-        self._call: IDelayedCall | None = None
+        self._call: DelayedCall | None = None
         self.finished = False
         self.steps = 0
         self._advance()

@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
-from twisted.internet.interfaces import IReactorTime
-
 from . import fixtures
+from .clock import Clock
 from .market import Book, Level, Market, zero_like
 from .player import PlayedSource, Player, Step
 
@@ -115,7 +114,7 @@ class MarketReplay:
 class RecordedSource(PlayedSource):
     """Replays the recorded Binance and Bitstamp books (see the module docstring)."""
 
-    def __init__(self, clock: IReactorTime, speed: float = 1.0, loop: bool = True):
+    def __init__(self, clock: Clock, speed: float = 1.0, loop: bool = True):
         super().__init__()
         self.replays: dict[tuple[str, str], MarketReplay] = {}
         for symbol in BINANCE_SYMBOLS:
@@ -128,7 +127,7 @@ class RecordedSource(PlayedSource):
             market = Market("bitstamp", pair, clock.seconds, Book(ssnap.bids, ssnap.asks), 0)
             self._add(clock, speed, MarketReplay(market, items, loop))
 
-    def _add(self, clock: IReactorTime, speed: float, replay: MarketReplay) -> None:
+    def _add(self, clock: Clock, speed: float, replay: MarketReplay) -> None:
         key = (replay.market.exchange, replay.market.symbol)
         self.markets[key] = replay.market
         self.replays[key] = replay

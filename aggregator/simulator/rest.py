@@ -1,5 +1,6 @@
 """What stands in front of each exchange's REST resource: request log, rate limits and the
-REST faults (forced statuses, slow responses), plus the /_sim/ control endpoint.
+REST faults (forced statuses, slow responses), plus the /_sim/ control endpoint; and the
+quiet Site that serves it.
 
 Limits (PROTOCOLS.md §1.6, §2.6), on the reactor clock, in fixed windows aligned to multiples
 of the window length (Binance counts weight per calendar minute):
@@ -21,12 +22,12 @@ import math
 from collections import deque
 from typing import Any, Callable, Iterable, Mapping
 
-import orjson
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from .clock import Clock
 from .faults import RestRecord, Violation
 
 CONTROL_PREFIX = b"/_sim/"
@@ -93,7 +94,7 @@ class RestGate(Resource):
         self,
         exchange: str,
         inner: Resource,
-        clock: IReactorTime,
+        clock: Clock,
         limiter: WeightLimiter,
         weigher: Callable[[str, Mapping[bytes, list[bytes]] | None], int] = lambda path, args: 1,
         used_header: bytes | None = None,
@@ -173,7 +174,8 @@ class RestGate(Resource):
             self._on_violation(Violation(now, self.exchange, kind, f"{path}?{query} weight {weight}"))
         if status == DROP:
             self.log.info("fault: {exchange} REST {path} dropped", exchange=self.exchange, path=path)
-            request.channel.transport.abortConnection()
+            transport: Any = request.channel.transport  # a TCP transport, which can abort
+            transport.abortConnection()
             return NOT_DONE_YET
         if self._used_header is not None:
             request.setHeader(self._used_header, str(used).encode())
@@ -226,27 +228,31 @@ def _html_error(status: int, retry_after: float) -> tuple[bytes, bytes]:
     return b"text/html; charset=utf-8", body.encode()
 
 
-def binance_error_body(limit: int, clock: IReactorTime) -> Callable[[int, float], tuple[bytes, bytes]]:
-    """Binance's JSON error bodies (code -1003 for 429/418, -1001 for server errors)."""
+def _discard(event: dict) -> None:
+    pass
 
-    def body(status: int, retry_after: float) -> tuple[bytes, bytes]:
-        if status == 429:
-            msg = (
-                f"Too much request weight used; current limit is {limit} request weight per 1 MINUTE. "
-                "Please use WebSocket Streams for live updates to avoid polling the API."
-            )
-            payload = {"code": -1003, "msg": msg}
-        elif status == 418:
-            until = int((clock.seconds() + retry_after) * 1000)
-            msg = (
-                f"Way too much request weight used; IP banned until {until}. "
-                "Please use WebSocket Streams for live updates to avoid bans."
-            )
-            payload = {"code": -1003, "msg": msg}
-        elif status >= 500:
-            payload = {"code": -1001, "msg": "Internal error; unable to process your request. Please try again."}
-        else:
-            payload = {"code": -1000, "msg": "An unknown error occurred while processing the request."}
-        return b"application/json;charset=UTF-8", orjson.dumps(payload)
 
-    return body
+class _QuietChannel(HTTPChannel):
+    """An HTTPChannel that times out idle clients without a log line: keep-alive clients of
+    the simulator (treq pools connections) time out all the time, one twisted.web line each."""
+
+    _silent = Logger(observer=_discard)  # type: ignore[arg-type]
+
+    def timeoutConnection(self) -> None:
+        # The channel is going away: silence it for the rest of its life (the timeout line and
+        # a possible "Forcibly timing out" one).
+        self._log = self._silent
+        super().timeoutConnection()
+
+
+class QuietSite(Site):
+    """A Site without the per-request access log line (it would swamp the daemon's log) nor
+    twisted.web's line per timed-out client."""
+
+    noisy = False
+    # A plain HTTP/1.1 channel: without TLS there is no HTTP/2 to negotiate, which is all the
+    # default protocol factory adds (and its declared type).
+    protocol = _QuietChannel  # type: ignore[assignment]
+
+    def log(self, request: Any) -> None:
+        pass

@@ -21,27 +21,24 @@ Determinism: the n-th event of an exchange depends only on the seed and n.
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from . import fixtures
+from .clock import Clock, looping_call
 from .market import Book, Level, Market, fixed
 from .player import PlayedSource
+from .venue import Venue
+from .venues import VENUES
 
-EXCHANGES = ("binance", "bitstamp")
 QUOTE = "usdt"
 DEFAULT_SYMBOLS = 200
 DEFAULT_RATE = 5000.0
-# Bitstamp's default rate: this fraction of Binance's.
-BITSTAMP_SHARE = 0.1
 DEFAULT_TICK = 0.005
 # Most events the generator catches up on after a late tick, in seconds of events.
 MAX_BACKLOG = 0.1
@@ -69,6 +66,7 @@ def scale_symbol_names(count: int) -> list[str]:
 class ScaleSpec:
     symbol: str
     base: str  # base asset, upper case
+    quote: str  # quote asset, upper case
     mid: float
     tick_exp: int  # tick = 10**-tick_exp
     size_exp: int  # lot = 10**-size_exp
@@ -83,39 +81,8 @@ def make_specs(seed: int, count: int) -> list[ScaleSpec]:
         tick_exp = min(max(4 - math.floor(math.log10(mid)), 0), 8)
         size_median = 2000.0 / mid
         size_exp = min(max(3 - math.floor(math.log10(size_median)), 0), 8)
-        specs.append(ScaleSpec(symbol, symbol[: -len(QUOTE)].upper(), mid, tick_exp, size_exp, size_median))
+        specs.append(ScaleSpec(symbol, symbol[: -len(QUOTE)].upper(), QUOTE.upper(), mid, tick_exp, size_exp, size_median))
     return specs
-
-
-def binance_listing(spec: ScaleSpec) -> dict:
-    entry = copy.deepcopy(fixtures.binance_symbol_entry("ETHBTC") or {})
-    tick = fixed(1, spec.tick_exp, 8)
-    step = fixed(1, spec.size_exp, 8)
-    entry.update(
-        symbol=spec.symbol.upper(),
-        status="TRADING",
-        baseAsset=spec.base,
-        quoteAsset=QUOTE.upper(),
-        permissions=["SPOT"],
-        filters=[
-            {"filterType": "PRICE_FILTER", "minPrice": tick, "maxPrice": "1000000.00000000", "tickSize": tick},
-            {"filterType": "LOT_SIZE", "minQty": step, "maxQty": "9000000.00000000", "stepSize": step},
-        ],
-    )
-    return entry
-
-
-def bitstamp_listing(spec: ScaleSpec) -> dict:
-    return {
-        "trading": "Enabled",
-        "base_decimals": 8,
-        "url_symbol": spec.symbol,
-        "name": f"{spec.base}/{QUOTE.upper()}",
-        "instant_and_market_orders": "Enabled",
-        "minimum_order": f"10.0 {QUOTE.upper()}",
-        "counter_decimals": spec.tick_exp,
-        "description": f"{spec.base} / Tether",
-    }
 
 
 # Signed distances from the centre of the levels an event touches, drawn once: negative = bid,
@@ -255,7 +222,7 @@ class ScaleSource(PlayedSource):
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         seed: int = 1,
         symbols: int = DEFAULT_SYMBOLS,
         rate: float = DEFAULT_RATE,
@@ -263,15 +230,19 @@ class ScaleSource(PlayedSource):
         speed: float = 1.0,
         loop: bool = True,
         tick: float = DEFAULT_TICK,
+        venues: tuple[type[Venue], ...] = VENUES,
     ):
         super().__init__()
         if symbols < 1:
             raise ValueError("scale mode needs at least one symbol")
         if not rate > 0:
             raise ValueError("rate must be > 0")
-        if bitstamp_rate is None:
-            bitstamp_rate = rate * BITSTAMP_SHARE
-        if bitstamp_rate < 0:
+        # Each venue's rate: its share of `rate`; bitstamp_rate (the CLI's --bitstamp-rate)
+        # overrides Bitstamp's.
+        rates = {venue.name: rate * venue.scale_share for venue in venues}
+        if bitstamp_rate is not None:
+            rates["bitstamp"] = bitstamp_rate
+        if any(r < 0 for r in rates.values()):
             raise ValueError("bitstamp_rate must be >= 0")
         if not tick > 0:
             raise ValueError("tick must be > 0")
@@ -280,23 +251,17 @@ class ScaleSource(PlayedSource):
         self.tick = tick
         self.symbol_count = symbols
         self.specs = make_specs(seed, symbols)
-        self.listings: dict[str, dict[str, dict]] = {e: {} for e in EXCHANGES}
+        self.listings: dict[str, dict[str, dict]] = {venue.name: {} for venue in venues}
         self._streams = {
-            "binance": _Stream("binance", rate, _rng(seed, "scale", "binance")),
-            "bitstamp": _Stream("bitstamp", bitstamp_rate, _rng(seed, "scale", "bitstamp")),
+            venue.name: _Stream(venue.name, rates[venue.name], _rng(seed, "scale", venue.name)) for venue in venues
         }
         for spec in self.specs:
-            for exchange in EXCHANGES:
+            for venue in venues:
+                exchange = venue.name
                 rng = _rng(seed, "scale-book", exchange, spec.symbol)
-                if exchange == "binance":
-                    # Binance writes every number with 8 decimals (PROTOCOLS §1.5).
-                    maker = ScaleBookMaker(spec, rng, 8, 8)
-                    first_id = rng.randrange(10**8, 10**9)
-                    self.listings[exchange][spec.symbol] = binance_listing(spec)
-                else:
-                    maker = ScaleBookMaker(spec, rng, spec.tick_exp, 8)
-                    first_id = 0
-                    self.listings[exchange][spec.symbol] = bitstamp_listing(spec)
+                maker = ScaleBookMaker(spec, rng, *venue.decimals(spec.symbol, spec.tick_exp))
+                first_id = venue.first_update_id(rng)
+                self.listings[exchange][spec.symbol] = venue.scale_listing(spec)
                 bids, asks = maker.initial_levels()
                 market = Market(exchange, spec.symbol, clock.seconds, Book(bids, asks), first_id)
                 self.markets[(exchange, spec.symbol)] = market
@@ -308,7 +273,7 @@ class ScaleSource(PlayedSource):
         self._started = False
         self._paused = False
         self._finished = False
-        # Called after each tick's events (the Binance hub writes its batch).
+        # Called after each tick's events (batch-mode venues write what they hold back).
         self.tick_listeners: list[Callable[[], Any]] = []
 
     # ------------------------------------------------------------ PlayedSource
@@ -323,8 +288,7 @@ class ScaleSource(PlayedSource):
         self._started = True
         self._last = self._clock.seconds()
         if not self._finished:
-            self._loop = LoopingCall(self.run_tick)
-            self._loop.clock = self._clock
+            self._loop = looping_call(self._clock, self.run_tick)
             self._loop.start(self.tick, now=False)
 
     def stop(self) -> None:

@@ -21,13 +21,12 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Iterator
 
-from twisted.internet.interfaces import IReactorTime
-
-from . import fixtures
+from .clock import Clock
 from .market import Book, Level, Market, fixed
 from .player import PlayedSource, Player, Step
+from .venue import Venue
+from .venues import VENUES
 
-EXCHANGES = ("binance", "bitstamp")
 # Changes per second per exchange+symbol at speed 1.
 RATE = 10.0
 # With loop=False each synthetic market stops after this many changes, so that tests can
@@ -68,7 +67,6 @@ WALK_SIGMA = 0.3  # fair-value step per change
 WALK_REVERSION = 0.0002  # weak pull back to the start mid so long runs stay realistic
 NOISE_SIGMA = 1.0  # stationary std of each exchange's deviation from fair value (crosses ~1-4% of the time)
 NOISE_RHO = 0.98  # its autocorrelation per change
-HALF_SPREAD = {"binance": 0.6, "bitstamp": 1.2}
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
@@ -141,7 +139,8 @@ class _Side:
 class SyntheticBookMaker:
     """Generates the change events of one synthetic exchange+symbol book."""
 
-    def __init__(self, seed: int, exchange: str, spec: SymbolSpec, walk: FairValueWalk, consumer: int):
+    def __init__(self, seed: int, venue: type[Venue], spec: SymbolSpec, walk: FairValueWalk, consumer: int):
+        exchange = venue.name
         self.spec = spec
         self.exchange = exchange
         self._walk = walk
@@ -149,18 +148,12 @@ class SyntheticBookMaker:
         self._rng = _rng(seed, exchange, spec.symbol)
         self._noise_sigma = NOISE_SIGMA * spec.grid
         self._noise = self._rng.gauss(0.0, self._noise_sigma)
-        self._half_spread = HALF_SPREAD[exchange] * spec.grid
+        self._half_spread = venue.synthetic_half_spread * spec.grid
         self.bids = _Side(True)
         self.asks = _Side(False)
         self.first_update_id = self._rng.randrange(10**8, 10**9)
         self._n = 0
-        if exchange == "binance":
-            # Binance writes every number with 8 decimals (PROTOCOLS §1.5).
-            self._price_decimals = self._amount_decimals = 8
-        else:
-            entry = fixtures.bitstamp_pair_entry(spec.symbol) or {}
-            self._price_decimals = int(entry.get("counter_decimals", 8))
-            self._amount_decimals = int(entry.get("base_decimals", 8))
+        self._price_decimals, self._amount_decimals = venue.decimals(spec.symbol, spec.tick_exp)
         self._zero = fixed(0, 0, self._amount_decimals)
         self._initial_book()
 
@@ -238,10 +231,10 @@ class SyntheticBookMaker:
         # Follow the quote: levels inside the new limits are pulled, best first. Never the last
         # level of a side; a big jump takes a few events to follow (each event is 1-5 levels).
         for side, inside in ((self.bids, lambda t: t > bid_cap), (self.asks, lambda t: t < ask_floor)):
-            while budget and len(side) > 1 and inside(side.best()):
-                tick = side.best()
-                touch(side, tick)
-                side.delete(tick)
+            while budget and len(side) > 1 and inside(side.at_rank(0)):
+                best = side.at_rank(0)
+                touch(side, best)
+                side.delete(best)
                 budget -= 1
 
         for _ in range(budget):
@@ -277,31 +270,33 @@ class SyntheticBookMaker:
             (bids if is_bid else asks).append(self._level(tick, after))
         if not bids and not asks:
             # Rare; still a change event, never an empty one.
-            tick = self.bids.best()
-            lots = self.bids.lots[tick] + 1  # type: ignore[index]
-            self.bids.set(tick, lots)  # type: ignore[arg-type]
-            bids.append(self._level(tick, lots))  # type: ignore[arg-type]
+            best = self.bids.at_rank(0)  # never empty
+            lots = self.bids.lots[best] + 1
+            self.bids.set(best, lots)
+            bids.append(self._level(best, lots))
         return bids, asks
 
 
 class SyntheticSource(PlayedSource):
-    """Synthetic books for SYMBOLS on both exchanges, each changing RATE * speed times a second."""
+    """Synthetic books for SYMBOLS on every venue, each changing RATE * speed times a second."""
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         seed: int = 1,
         speed: float = 1.0,
         loop: bool = True,
         symbols: tuple[str, ...] = SYMBOLS,
+        venues: tuple[type[Venue], ...] = VENUES,
     ):
         super().__init__()
         for spec in SPECS:
             if spec.symbol not in symbols:
                 continue
-            walk = FairValueWalk(seed, spec, len(EXCHANGES))
-            for consumer, exchange in enumerate(EXCHANGES):
-                maker = SyntheticBookMaker(seed, exchange, spec, walk, consumer)
+            walk = FairValueWalk(seed, spec, len(venues))
+            for consumer, venue in enumerate(venues):
+                exchange = venue.name
+                maker = SyntheticBookMaker(seed, venue, spec, walk, consumer)
                 bids, asks = maker.levels()
                 market = Market(exchange, spec.symbol, clock.seconds, Book(bids, asks), maker.first_update_id)
                 self.markets[(exchange, spec.symbol)] = market

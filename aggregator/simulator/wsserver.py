@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .clock import Clock
 from .connections import ConnectionSet
 from .faults import REASON_PONG_TIMEOUT, Violation, valid_close_code
 
@@ -49,6 +49,12 @@ class SimServerProtocol(WebSocketServerProtocol):
     # Autobahn uses self.log (a txaio logger) internally: ours gets another name.
     _log = Logger()
     factory: "SimServerFactory"
+    # A TCP transport (TCP_NODELAY, pause/resume, writeSequence); twisted types it as the
+    # optional ITransport.
+    transport: Any
+    # Set by autobahn from the factory's protocol options.
+    autoPingInterval: float
+    autoPingTimeout: float
 
     def connectionMade(self) -> None:
         self.stalled = False
@@ -191,13 +197,15 @@ class SimServerFactory(WebSocketServerFactory):
 
     noisy = False
     _logger = Logger()
+    # A SimServerProtocol subclass (mypy does not see autobahn's protocols as twisted ones).
+    protocol: Any
     exchange = ""
     lifetime_close = (1001, "connection lifetime over")
     too_many_messages_close = (1008, "Too many messages")
 
     def __init__(
         self,
-        reactor: IReactorTime,
+        reactor: Clock,
         on_violation: Callable[[Violation], None] | None = None,
         max_messages_per_second: int | None = None,
         connection_lifetime: float | None = None,
