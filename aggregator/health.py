@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Coroutine, Iterable, Protocol, Sequence
 
+import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from twisted.internet.defer import Deferred, succeed
@@ -26,7 +27,8 @@ SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 class HealthFeed(Protocol):
     """What health reporting needs from an exchange feed."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def connected(self) -> bool: ...
@@ -35,7 +37,7 @@ class HealthFeed(Protocol):
 
     def listed_symbols(self) -> frozenset[str] | None: ...
 
-    def when_symbols_loaded(self) -> Deferred: ...
+    def when_symbols_loaded(self) -> Deferred[None]: ...
 
 
 class Health:
@@ -48,11 +50,11 @@ class Health:
         self._services = tuple(services)
         self._servicer: health_aio.HealthServicer | None = None
         self._serving: bool | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         for feed in self._feeds:
             feed.add_connection_listener(self._feed_changed)
 
-    def add_to(self, server: Any) -> None:
+    def add_to(self, server: grpc.aio.Server) -> None:
         """Serve grpc.health.v1.Health on a grpc.aio server about to start."""
         # A new servicer per start: its graceful shutdown is permanent.
         self._servicer = health_aio.HealthServicer()
@@ -62,7 +64,7 @@ class Health:
             feed.when_symbols_loaded().addCallback(lambda _: self._update())
         self._update()
 
-    def shut_down(self) -> Deferred:
+    def shut_down(self) -> Deferred[None]:
         """Every status NOT_SERVING, for good: the server is stopping."""
         servicer, self._servicer = self._servicer, None
         if servicer is None:

@@ -11,6 +11,7 @@ from twisted.internet.defer import Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from aggregator.ratelimit import RestLimiter
+from aggregator.reactor import IDaemonReactor
 
 # Statuses by which a host says "too many requests": stop asking until Retry-After.
 BACK_OFF_STATUSES = (418, 429)
@@ -31,7 +32,9 @@ class HttpError(Exception):
 class JsonHttp:
     """GETs JSON documents from one REST host within its request budget."""
 
-    def __init__(self, reactor: Any, limiter: RestLimiter | None = None, timeout: float = 10.0) -> None:
+    def __init__(
+        self, reactor: IDaemonReactor, limiter: RestLimiter | None = None, timeout: float = 10.0
+    ) -> None:
         self._reactor = reactor
         self._pool = HTTPConnectionPool(reactor, persistent=True)
         self._pool._factory.noisy = False  # no "Starting factory" line per connection
@@ -39,7 +42,7 @@ class JsonHttp:
         self.limiter = limiter if limiter is not None else RestLimiter(reactor, 1200.0)
         self._timeout = timeout
 
-    def get_json(self, url: str, weight: float = 1.0) -> Deferred:
+    def get_json(self, url: str, weight: float = 1.0) -> Deferred[Any]:
         """Fires with the decoded document; fails with HttpError on non-2xx."""
         return Deferred.fromCoroutine(self._get(url, weight))
 
@@ -57,9 +60,10 @@ class JsonHttp:
             raise HttpError(url, response.code, body, retry_after)
         return orjson.loads(body)
 
-    def close(self) -> Deferred:
+    def close(self) -> Deferred[None]:
         self.limiter.stop()
-        return self._pool.closeCachedConnections()
+        closed: Deferred[None] = self._pool.closeCachedConnections()  # untyped in Twisted
+        return closed
 
 
 def _seconds(header: bytes | None) -> float | None:

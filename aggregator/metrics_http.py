@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IReactorTCP
 from twisted.logger import Logger
 from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
+from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
 from aggregator.address import CannotListen, split_host_port
+from aggregator.reactor import installed_reactor
 
 
 class MetricsResource(Resource):
@@ -44,7 +48,7 @@ class _MetricsSite(Site):
     def logPrefix(self) -> str:
         return "metrics HTTP"
 
-    def log(self, request: Request) -> None:
+    def log(self, request: HTTPRequest) -> None:
         pass  # no access-log line per scrape
 
 
@@ -54,26 +58,34 @@ class MetricsServer(Service):
     log = Logger()
 
     def __init__(
-        self, listen: str, reactor: Any = None, registry: CollectorRegistry = REGISTRY
+        self,
+        listen: str,
+        reactor: IReactorTCP | None = None,
+        registry: CollectorRegistry = REGISTRY,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor
         self.listen = listen
-        self.reactor = reactor
+        self.reactor: IReactorTCP = reactor if reactor is not None else installed_reactor()
         self.registry = registry
-        self._port: Any = None
+        self._port: IListeningPort | None = None
 
     @property
     def port(self) -> int:
         """The port listened on (useful with port 0)."""
-        return self._port.getHost().port
+        assert self._port is not None, "not listening"
+        # A port listenTCP returned: its address is an IPv4Address or IPv6Address.
+        return cast("IPv4Address | IPv6Address", self._port.getHost()).port
 
     def startService(self) -> None:
         host, port = split_host_port(self.listen)
         root = _Root()
         root.putChild(b"metrics", MetricsResource(self.registry))
         try:
-            self._port = self.reactor.listenTCP(port, _MetricsSite(root), interface=host)
+            self._port = self.reactor.listenTCP(
+                # Twisted's annotations: Site is a ServerFactory[_GenericHTTPChannelProtocol],
+                # listenTCP asks for a ServerFactory[_ProtoWithFactory], and Factory's type
+                # parameter is invariant.
+                port, _MetricsSite(root), interface=host  # type: ignore[arg-type]
+            )
         except CannotListenError as error:
             raise CannotListen(
                 f"cannot serve metrics on {self.listen}: {error.socketError}"
@@ -83,7 +95,12 @@ class MetricsServer(Service):
             "metrics on http://{listen}/metrics (port {port})", listen=self.listen, port=self.port
         )
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         port, self._port = self._port, None
-        return maybeDeferred(port.stopListening) if port is not None else succeed(None)
+        return maybeDeferred(_stop_listening, port) if port is not None else succeed(None)
+
+
+def _stop_listening(port: IListeningPort) -> Deferred[None]:
+    stopped = port.stopListening()  # a Deferred, or None when stopped at once
+    return stopped if stopped is not None else succeed(None)

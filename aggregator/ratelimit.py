@@ -11,9 +11,8 @@ once the host has said 429 or 418.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
-
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 
@@ -22,7 +21,7 @@ class RestLimiter:
 
     def __init__(
         self,
-        clock: Any,
+        clock: IReactorTime,
         weight_per_minute: float,
         concurrency: int = 4,
         burst_seconds: float = 5.0,
@@ -31,8 +30,8 @@ class RestLimiter:
         self._concurrency = concurrency
         self._burst_seconds = burst_seconds
         self._in_flight = 0
-        self._waiting: deque[tuple[float, Deferred]] = deque()
-        self._timer: Any = None
+        self._waiting: deque[tuple[float, Deferred[None]]] = deque()
+        self._timer: IDelayedCall | None = None
         self.blocked_until = 0.0
         self.set_budget(weight_per_minute)
         self._tokens = self._capacity
@@ -44,9 +43,9 @@ class RestLimiter:
         self._rate = weight_per_minute / 60.0
         self._capacity = max(self._rate * self._burst_seconds, 1.0)
 
-    def acquire(self, weight: float) -> Deferred:
+    def acquire(self, weight: float) -> Deferred[None]:
         """Fires once the request may go; call release() when it is done."""
-        ready: Deferred = Deferred(self._cancel_waiter)
+        ready: Deferred[None] = Deferred(self._cancel_waiter)
         self._waiting.append((min(weight, self._capacity), ready))
         self._pump()
         return ready
@@ -67,7 +66,7 @@ class RestLimiter:
         self._tokens = 0.0
         self._pump()
 
-    def _cancel_waiter(self, ready: Deferred) -> None:
+    def _cancel_waiter(self, ready: Deferred[None]) -> None:
         self._waiting = deque(entry for entry in self._waiting if entry[1] is not ready)
 
     def _refill(self, now: float) -> None:

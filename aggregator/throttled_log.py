@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 
 class ThrottledLog:
-    def __init__(self, logger: Logger, clock: Any, window: float = 10.0) -> None:
+    def __init__(self, logger: Logger, clock: IReactorTime, window: float = 10.0) -> None:
         self._logger = logger
         self._clock = clock
         self._window = window
