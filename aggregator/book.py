@@ -115,9 +115,12 @@ class OrderBook:
             check_level(price, amount)
         self._bids = SortedDict((p, a) for p, a in bids if a > 0.0)
         self._asks = SortedDict((p, a) for p, a in asks if a > 0.0)
-        full = truncated_at is not None
-        self._bid_horizon = self._bids.keys()[0] if full and len(bids) >= truncated_at else None
-        self._ask_horizon = self._asks.keys()[-1] if full and len(asks) >= truncated_at else None
+        self._bid_horizon = self._ask_horizon = None
+        if truncated_at is not None:
+            if len(bids) >= truncated_at:
+                self._bid_horizon = self._bids.keys()[0]
+            if len(asks) >= truncated_at:
+                self._ask_horizon = self._asks.keys()[-1]
 
     def thinner_than(self, depth: int) -> bool:
         """Whether a cut side holds fewer than `depth` levels at or inside its

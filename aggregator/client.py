@@ -355,7 +355,7 @@ def reconnect_delay(
     RECONNECT_INITIAL up to RECONNECT_MAX, less up to a half at random so that
     the clients of a restarted daemon do not all come back at once."""
     delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2**attempt)
-    return delay * (1 - jitter() / 2)
+    return float(delay * (1 - jitter() / 2))
 
 
 class _Unreachable(Exception):

@@ -243,7 +243,7 @@ class GrpcServer(Service):
         self.keepalive = keepalive
         self.port: int | None = None
         self._server: Any = None
-        self._started: Deferred = succeed(None)
+        self._started: Deferred[None] = succeed(None)
 
     def startService(self) -> None:
         server = grpc.aio.server(
@@ -286,12 +286,12 @@ class GrpcServer(Service):
             raise CannotListen(
                 f"cannot listen for gRPC on {self.listen}: address in use or unavailable"
             )
-        return port
+        return int(port)
 
-    def whenStarted(self) -> Deferred:
+    def whenStarted(self) -> Deferred[None]:
         return self._started
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         server, self._server = self._server, None
         if server is None:

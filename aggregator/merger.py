@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable, Protocol
+from functools import partial
+from typing import Any, Callable, Iterable, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
@@ -46,7 +47,7 @@ class Feed(Protocol):
     def listed_symbols(self) -> frozenset[str] | None:
         """Canonical symbols the exchange trades; None until the list is loaded."""
 
-    def when_symbols_loaded(self) -> Deferred:
+    def when_symbols_loaded(self) -> Deferred[Any]:
         """Fires (with None) once listed_symbols() is not None."""
 
     def watch(self, book: ExchangeBook) -> None:
@@ -139,8 +140,8 @@ class Subscription:
         self.arrival: float | None = None
         self._pending: bytes | None = None
         self._pending_arrival: float | None = None
-        self._waiter: Deferred | None = None
-        self._release = release
+        self._waiter: Deferred[Any] | None = None
+        self._release: Callable[[Subscription], None] | None = release
         self._ended = False
 
     def offer(self, summary: bytes, arrival: float | None = None) -> bool:
@@ -167,7 +168,7 @@ class Subscription:
             self.arrival = self._pending_arrival
         return summary
 
-    def next(self) -> Deferred:
+    def next(self) -> Deferred[Any]:
         """Fires with the next serialized Summary, or None once ended."""
         summary = self.take()
         if summary is not None:
@@ -192,7 +193,7 @@ class Subscription:
         if release is not None:
             release(self)
 
-    def _cancel_wait(self, waiter: Deferred) -> None:
+    def _cancel_wait(self, waiter: Deferred[Any]) -> None:
         if self._waiter is waiter:
             self._waiter = None
         waiter.errback(CancelledError())
@@ -243,7 +244,7 @@ class Merger(Service):
     def startService(self) -> None:
         super().startService()
         for feed in self.feeds.values():
-            feed.when_symbols_loaded().addCallback(lambda _, f=feed: self._feed_ready(f))
+            feed.when_symbols_loaded().addCallback(partial(self._feed_ready_after, feed))
         self.when_symbol_lists_loaded().addCallback(self._warn_unlisted_pinned)
 
     def stopService(self) -> None:
@@ -278,7 +279,7 @@ class Merger(Service):
             f"({', '.join(self.feeds)})"
         )
 
-    def when_symbol_lists_loaded(self) -> Deferred:
+    def when_symbol_lists_loaded(self) -> Deferred[Any]:
         """Fires once every feed has loaded its symbol list."""
         return gatherResults(
             [feed.when_symbols_loaded() for feed in self.feeds.values()],
@@ -333,6 +334,9 @@ class Merger(Service):
     def _unsubscribe(self, subscription: Subscription) -> None:
         self._symbols[subscription.symbol].subscriptions.discard(subscription)
         self.release(subscription.symbol)
+
+    def _feed_ready_after(self, feed: Feed, _: object) -> None:
+        self._feed_ready(feed)
 
     def _feed_ready(self, feed: Feed) -> None:
         for symbol, state in self._symbols.items():

@@ -55,6 +55,7 @@ def _read(path: str) -> bytes:
 
 
 def _public(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
+    # Any key type cryptography loads has public_bytes(); typed as object here.
+    return bytes(key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    ))

@@ -24,6 +24,7 @@ from aggregator.exchanges.pool import ConnectionPool
 from aggregator.exchanges.symbol_list import SymbolList
 from aggregator.exchanges.venue import AdapterFactory, VenueSettings
 from aggregator.http import JsonHttp
+from aggregator.reactor import IDaemonReactor, installed_reactor
 from aggregator.ratelimit import RestLimiter
 from aggregator.throttled_log import ThrottledLog
 
@@ -32,21 +33,22 @@ class VenueFeed(Service):
     """Keeps the watched symbols' books of one venue in sync."""
 
     log = Logger()
+    name: str  # the venue's wire name (set from the adapter)
 
     def __init__(
         self,
         adapter: AdapterFactory,
         ws_url: str,
         rest_url: str,
-        reactor: Any = None,
+        reactor: IDaemonReactor | None = None,
         http: JsonHttp | None = None,
         retry_policy: Callable[[int], float] | None = None,
         connector: Connector | None = None,
         settings: VenueSettings | None = None,
     ) -> None:
         if reactor is None:
-            from twisted.internet import reactor
-        self._reactor: IReactorTime = reactor
+            reactor = installed_reactor()
+        self._reactor: IDaemonReactor = reactor
         self.ws_url = ws_url
         self.rest_url = rest_url.rstrip("/")
         self.retry_policy = retry_policy or backoffPolicy(

@@ -47,10 +47,14 @@ class VenueSettings:
 class FeedContext(Protocol):
     """What an adapter may use of the feed it is plugged into."""
 
-    name: str
     rest_url: str
-    http: JsonHttp
     books: dict[str, ExchangeBook]
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def http(self) -> JsonHttp: ...
 
     @property
     def reactor(self) -> IReactorTime: ...

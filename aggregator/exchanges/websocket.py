@@ -13,7 +13,8 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.application.internet import ClientService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from zope.interface import implementer
 
 
 class ConnectionHandler(TypingProtocol):
@@ -35,7 +36,7 @@ class FeedProtocol(WebSocketClientProtocol):
         super().__init__()
         # Fires once the websocket handshake is done: ClientService counts a
         # TCP connection whose handshake fails as a failed attempt (backoff).
-        self.opened: Deferred = Deferred()
+        self.opened: Deferred[FeedProtocol] = Deferred()
 
     def connectionMade(self) -> None:
         set_tcp_nodelay(self.transport)
@@ -88,6 +89,7 @@ def client_endpoint(reactor: Any, url: str) -> IStreamClientEndpoint:
     return endpoint
 
 
+@implementer(IStreamClientEndpoint)
 class NamedEndpoint:
     """An endpoint that ClientService's own log lines ("Scheduling retry 1 to
     connect ...") name by venue connection and URL, not by object address."""
@@ -96,11 +98,29 @@ class NamedEndpoint:
         self._name = name
         self._endpoint = endpoint
 
-    def connect(self, factory: Any) -> Deferred:
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         return self._endpoint.connect(factory)
 
     def __repr__(self) -> str:
         return self._name
+
+
+class FeedClientFactory(WebSocketClientFactory):
+    """Makes FeedProtocols that report to one handler (a Connection)."""
+
+    protocol = FeedProtocol
+    noisy = False  # ClientService logs connection attempts itself
+
+    def __init__(self, url: str, handler: ConnectionHandler, reactor: Any) -> None:
+        super().__init__(url, reactor=reactor)
+        self.handler = handler
+
+
+def _handshake_done(protocol: IProtocol) -> Deferred[FeedProtocol]:
+    # ClientService hands over its proxy of the FeedProtocol, which passes
+    # attribute reads through: not an instance of FeedProtocol itself.
+    opened: Deferred[FeedProtocol] = getattr(protocol, "opened")
+    return opened
 
 
 def websocket_client_service(
@@ -112,10 +132,7 @@ def websocket_client_service(
     auto_ping_timeout: float,
     name: str | None = None,
 ) -> ClientService:
-    factory = WebSocketClientFactory(url, reactor=reactor)
-    factory.protocol = FeedProtocol
-    factory.noisy = False  # ClientService logs connection attempts itself
-    factory.handler = handler
+    factory = FeedClientFactory(url, handler, reactor=reactor)
     factory.setProtocolOptions(
         autoPingInterval=auto_ping_interval,
         autoPingTimeout=auto_ping_timeout,
@@ -130,5 +147,5 @@ def websocket_client_service(
         factory,
         retryPolicy=retry_policy,
         clock=reactor,
-        prepareConnection=lambda protocol: protocol.opened,
+        prepareConnection=_handshake_done,
     )
