@@ -120,13 +120,31 @@ class FakeConnector:
         return Service()
 
 
+def listing(venue: str, symbols) -> object:
+    """The venue's symbol-list document listing `symbols` (base: the first three letters)."""
+    split = [(s.upper()[:3], s.upper()[3:]) for s in symbols]
+    if venue == "binance":
+        return {"symbols": [{"symbol": b + q, "status": "TRADING", "baseAsset": b, "quoteAsset": q}
+                            for b, q in split]}
+    if venue == "bitstamp":
+        return [{"url_symbol": (b + q).lower(), "name": f"{b}/{q}", "trading": "Enabled"}
+                for b, q in split]
+    raise ValueError(venue)
+
+
+def load_listing(feed, http, symbols) -> None:
+    """Answer the feed's pending symbol-list request."""
+    http.answer(feed.symbol_list.url, listing(feed.name, symbols))
+
+
 class FeedHarness:
     """A started feed whose first connection is opened by hand: no sockets,
     time on a Clock."""
 
     REST = "http://rest.test"
 
-    def __init__(self, adapter, symbols=("ethbtc",), start_time: float = 0.0, settings=None):
+    def __init__(self, adapter, symbols=("ethbtc",), start_time: float = 0.0, settings=None,
+                 listed=()):
         from twisted.internet.task import Clock
 
         from aggregator.book import ExchangeBook
@@ -145,6 +163,7 @@ class FeedHarness:
             self.books[symbol] = ExchangeBook(self.feed.name, symbol, self._changed)
             self.feed.watch(self.books[symbol])
         self.feed.startService()
+        load_listing(self.feed, self.http, [*symbols, *listed])
         self.connection = self.feed.connections[0]
         self.protocol = FakeProtocol()
         self.connection.connection_opened(self.protocol)

@@ -11,7 +11,7 @@ from aggregator.book import BookState, ExchangeBook
 from aggregator.exchanges.binance import BinanceAdapter
 from aggregator.exchanges.bitstamp import BitstampAdapter
 from aggregator.exchanges.feed import VenueFeed
-from tests.fakes import FakeConnector, FakeHttp, FakeProtocol
+from tests.fakes import FakeConnector, FakeHttp, FakeProtocol, load_listing
 from twisted.internet.task import Clock
 
 REST = "http://rest.test"
@@ -30,6 +30,7 @@ def make_feed(adapter, symbols=("ethbtc",), **settings):
     if settings:
         feed.settings = dataclasses.replace(feed.settings, **settings)
     feed.startService()
+    load_listing(feed, http, [*symbols, *(f"s{i}" for i in range(5))])
     books = {}
     for symbol in symbols:
         books[symbol] = ExchangeBook(feed.name, symbol, ignore)

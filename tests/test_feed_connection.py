@@ -9,7 +9,7 @@ from aggregator.book import BookState, ExchangeBook
 from aggregator.exchanges.binance import BinanceAdapter
 from aggregator.exchanges.feed import VenueFeed
 from tests.aio import aio, wait_until
-from tests.fakes import FakeHttp
+from tests.fakes import FakeHttp, load_listing
 
 
 class RecordingServer(WebSocketServerProtocol):
@@ -35,6 +35,7 @@ async def test_feed_subscribes_reconnects_after_a_drop_and_stops_cleanly():
     book = ExchangeBook("binance", "ethbtc", lambda book, arrival: None)
     feed.watch(book)
     feed.startService()
+    load_listing(feed, http, ["ethbtc"])
     try:
         await aio(wait_until(lambda: len(factory.frames) == 1))
         assert factory.paths == ["/stream"]

@@ -47,8 +47,11 @@ class Watching(FeedHarness):
                           book.book.is_crossed(), len(book.book)))
 
 
+EXTRA = ["ethbtc", "btcusdt", "btcusd"]
+
+
 def binance(symbols=("ethbtc",), depth=None):
-    h = Watching(BinanceAdapter, symbols, start_time=NOW)
+    h = Watching(BinanceAdapter, symbols, start_time=NOW, listed=EXTRA)
     if depth is not None:
         for book in h.books.values():
             book.depth = depth
@@ -108,7 +111,7 @@ def test_a_diff_commits_with_its_frames_arrival_and_a_snapshot_with_none():
 
 
 def test_b_bitstamp_message_from_the_future_is_rejected_and_the_book_resyncs():
-    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW)
+    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW, listed=EXTRA)
     now_us = int(NOW * 1e6)
     h.receive(bitstamp_book("ethbtc", now_us - 1000))
     assert h.books["ethbtc"].state is BookState.LIVE
@@ -124,7 +127,7 @@ def test_b_bitstamp_message_from_the_future_is_rejected_and_the_book_resyncs():
 
 
 def test_b_periodic_verification_catches_a_book_frozen_ahead_of_the_exchange():
-    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW)
+    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW, listed=EXTRA)
     now_us = int(NOW * 1e6)
     h.receive(bitstamp_book("ethbtc", now_us))
     sync = h.feed.adapter.syncs["ethbtc"]
@@ -173,7 +176,7 @@ def test_c_binance_symbol_subscribed_mid_handover_syncs_when_the_successor_acks_
 
 
 def test_c_bitstamp_symbol_subscribed_mid_handover_is_seeded_when_the_successor_acks_first():
-    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW)
+    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW, listed=EXTRA)
     h.receive(bitstamp_book("ethbtc", int(NOW * 1e6)))
     successor, new_protocol = rotate_and_open_successor(h)
     book = ExchangeBook("bitstamp", "btcusd", h._changed)
@@ -208,7 +211,7 @@ def test_d_binance_error_on_the_successor_keeps_the_healthy_book_live():
 
 
 def test_d_bitstamp_error_is_retried_and_a_successors_error_keeps_the_book_live():
-    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW)
+    h = Watching(BitstampAdapter, ["ethbtc"], start_time=NOW, listed=EXTRA)
     h.feed.retry_policy = lambda attempt: 1.0
     h.clock.advance(0.1)
     h.receive(orjson.dumps({"event": "bts:error", "channel": "",
@@ -288,11 +291,21 @@ def test_f_a_stream_cancelled_and_reopened_before_its_frame_left_sends_nothing()
 
 
 def test_g_cancelled_symbol_list_waiters_are_forgotten():
-    h = binance()
-    assert h.feed.listed_symbols() is None
+    from twisted.internet.task import Clock
+
+    from aggregator.exchanges.feed import VenueFeed
+    from tests.fakes import FakeConnector, FakeHttp
+
+    feed = VenueFeed(BinanceAdapter, "ws://ws.test", REST, reactor=Clock(), http=FakeHttp(),
+                     connector=FakeConnector())
+    feed.startService()  # the symbol list never answers
     for _ in range(20_000):
-        h.feed.when_symbols_loaded().cancel()
-    assert h.feed.symbol_list.waiting == 0
+        feed.when_symbols_loaded().cancel()
+    assert feed.listed_symbols() is None
+    assert feed.symbol_list.waiting == 0
+    waiter = feed.when_symbols_loaded()
+    assert feed.symbol_list.waiting == 1 and not waiter.called
+    feed.stopService()
 
 
 # -- h. wrong types where levels belong ----------------------------------------------------

@@ -17,6 +17,7 @@ from aggregator import metrics
 from aggregator.book import BookState, ExchangeBook, InvalidLevel, parse_levels
 from aggregator.exchanges.connection import Connection
 from aggregator.exchanges.venue import FeedContext, PendingReplies, VenueSettings
+from aggregator.instruments import Instrument, canonical_asset
 
 SETTINGS = VenueSettings(
     # Binance allows 5 frames/s per connection, pings and pongs included. At
@@ -316,7 +317,8 @@ class DepthSync:
         self._set_state(SyncState.FETCHING, "subscribed")
         metrics.SNAPSHOT_REQUESTS.labels("binance", "snapshot").inc()
         request = self.request = self.context.http.get_json(
-            f"{self.context.rest_url}/api/v3/depth?symbol={self.symbol.upper()}"
+            f"{self.context.rest_url}/api/v3/depth"
+            f"?symbol={self.context.instrument(self.symbol).native}"
             f"&limit={self.snapshot_limit}",
             weight=self.snapshot_weight,
         )
@@ -372,13 +374,17 @@ class BinanceAdapter:
     def symbol_list_path(self) -> str:
         return "/api/v3/exchangeInfo"
 
-    def parse_symbol_list(self, document: Any) -> Iterable[str]:
+    def parse_symbol_list(self, document: Any) -> Iterable[Instrument]:
         for limit in document.get("rateLimits", ()):
             if limit.get("rateLimitType") == "REQUEST_WEIGHT" and limit.get("interval") == "MINUTE":
                 per_minute = limit["limit"] / max(int(limit.get("intervalNum", 1)), 1)
                 self.context.http.limiter.set_budget(per_minute * REST_BUDGET_SHARE)
         return [
-            entry["symbol"].lower()
+            Instrument(
+                entry["symbol"].upper(),
+                canonical_asset(entry["baseAsset"]),
+                canonical_asset(entry["quoteAsset"]),
+            )
             for entry in document["symbols"]
             if entry.get("status") == "TRADING"
         ]
@@ -397,7 +403,8 @@ class BinanceAdapter:
         self._requests[(connection, request_id)] = (method, symbols)
         if method == "SUBSCRIBE":
             self._replies.expect(connection, request_id, symbols)
-        return {"method": method, "params": [stream_name(s) for s in symbols], "id": request_id}
+        streams = [stream_name(self.context.instrument(s).native.lower()) for s in symbols]
+        return {"method": method, "params": streams, "id": request_id}
 
     def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
         metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
@@ -465,7 +472,8 @@ class BinanceAdapter:
     def _depth_update(
         self, connection: Connection, stream: str, data: dict[str, Any], arrival: float
     ) -> None:
-        sync = self.syncs.get(stream.partition("@")[0])
+        symbol = self.context.symbol_of(stream.partition("@")[0].upper())
+        sync = self.syncs.get(symbol) if symbol is not None else None
         if sync is None:
             return  # not (or no longer) watched
         if connection is sync.connection:

@@ -24,6 +24,7 @@ from aggregator import metrics
 from aggregator.book import BookState, ExchangeBook, InvalidLevel, Level, parse_levels
 from aggregator.exchanges.connection import Connection
 from aggregator.exchanges.venue import FeedContext, PendingReplies, VenueSettings
+from aggregator.instruments import Instrument, canonical_asset
 
 CHANNEL_PREFIX = "order_book_"
 # Levels compared per side when verifying against REST (the channel's depth).
@@ -202,7 +203,8 @@ class BookSync:
         # The cache-buster defeats the ~1 s edge cache in front of the endpoint.
         millis = int(reactor.seconds() * 1000)
         request = self.request = self.context.http.get_json(
-            f"{self.context.rest_url}/api/v2/order_book/{self.symbol}/?_={millis}"
+            f"{self.context.rest_url}/api/v2/order_book/"
+            f"{self.context.instrument(self.symbol).native}/?_={millis}"
         )
         self.request_purpose = purpose
         self.verified_at = reactor.seconds()
@@ -265,24 +267,38 @@ class BitstampAdapter:
     def symbol_list_path(self) -> str:
         return "/api/v2/trading-pairs-info/"
 
-    def parse_symbol_list(self, document: Any) -> Iterable[str]:
-        return [
-            entry["url_symbol"].lower()
-            for entry in document
-            if entry.get("trading", "Enabled") == "Enabled"
-        ]
+    def parse_symbol_list(self, document: Any) -> Iterable[Instrument]:
+        instruments = []
+        for entry in document:
+            if entry.get("trading", "Enabled") != "Enabled":
+                continue
+            base, slash, quote = entry["name"].partition("/")
+            if not slash:
+                raise ValueError(f"pair name {entry['name']!r} is not BASE/QUOTE")
+            instruments.append(
+                Instrument(entry["url_symbol"], canonical_asset(base), canonical_asset(quote))
+            )
+        return instruments
 
     # -- subscriptions -----------------------------------------------------------
 
     def subscribe_frame(self, connection: Connection, symbols: list[str]) -> Any:
         (symbol,) = symbols  # settings.symbols_per_frame == 1
         self._replies.expect(connection, symbol, symbols)
-        return {"event": "bts:subscribe", "data": {"channel": CHANNEL_PREFIX + symbol}}
+        return {"event": "bts:subscribe", "data": {"channel": self._channel(symbol)}}
 
     def unsubscribe_frame(self, connection: Connection, symbols: list[str]) -> Any:
         (symbol,) = symbols
         self._replies.answered(connection, symbol)
-        return {"event": "bts:unsubscribe", "data": {"channel": CHANNEL_PREFIX + symbol}}
+        return {"event": "bts:unsubscribe", "data": {"channel": self._channel(symbol)}}
+
+    def _channel(self, symbol: str) -> str:
+        return CHANNEL_PREFIX + self.context.instrument(symbol).native
+
+    def _symbol_of_channel(self, channel: object) -> str | None:
+        if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX):
+            return self.context.symbol_of(channel[len(CHANNEL_PREFIX):])
+        return None
 
     def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
         metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
@@ -348,12 +364,7 @@ class BitstampAdapter:
                                 message=message)
             return
         event = message.get("event")
-        channel = message.get("channel")
-        symbol = (
-            channel[len(CHANNEL_PREFIX):]
-            if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX)
-            else None
-        )
+        symbol = self._symbol_of_channel(message.get("channel"))
         sync = self.syncs.get(symbol) if symbol is not None else None
         carries = sync is not None and (
             connection is sync.connection
@@ -380,11 +391,7 @@ class BitstampAdapter:
         # The error names no channel: every subscription this connection
         # still waits for is retried (an unrelated one answered meanwhile is
         # not, and a duplicate subscription is harmless).
-        channel = data.get("channel") if isinstance(data, dict) else None
-        symbol = (
-            channel[len(CHANNEL_PREFIX):]
-            if isinstance(channel, str) and channel.startswith(CHANNEL_PREFIX) else None
-        )
+        symbol = self._symbol_of_channel(data.get("channel") if isinstance(data, dict) else None)
         waiting = [symbol] if symbol is not None else self._replies.waiting(connection)
         for waiting_symbol in map(str, waiting):
             self._replies.answered(connection, waiting_symbol)

@@ -24,6 +24,7 @@ from aggregator.exchanges.pool import ConnectionPool
 from aggregator.exchanges.symbol_list import SymbolList
 from aggregator.exchanges.venue import AdapterFactory, VenueSettings
 from aggregator.http import JsonHttp
+from aggregator.instruments import Instrument
 from aggregator.reactor import IDaemonReactor, installed_reactor
 from aggregator.ratelimit import RestLimiter
 from aggregator.throttled_log import ThrottledLog
@@ -155,6 +156,12 @@ class VenueFeed(Service):
         return self.pool.stop().addBoth(lambda _: self.http.close())
 
     # -- FeedContext: what the adapter may use ------------------------------------------
+
+    def instrument(self, symbol: str) -> Instrument:
+        return self.symbol_list.instruments[symbol]
+
+    def symbol_of(self, native: str) -> str | None:
+        return self.symbol_list.by_native.get(native)
 
     def retry_delay(self, attempt: int) -> float:
         return float(self.retry_policy(attempt))

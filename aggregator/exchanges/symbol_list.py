@@ -10,10 +10,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from aggregator.http import JsonHttp
+from aggregator.instruments import Instrument
 
 
 class SymbolList:
-    """The canonical symbols a venue trades; None until loaded.
+    """The instruments a venue trades, by canonical symbol; None until loaded.
 
     Waiters are cancellable, and a cancelled one is forgotten at once: a
     daemon refusing requests while a list cannot load keeps nothing per
@@ -26,7 +27,7 @@ class SymbolList:
         self,
         venue: str,
         url: str,
-        parse: Callable[[Any], Iterable[str]],
+        parse: Callable[[Any], Iterable[Instrument]],
         http: JsonHttp,
         reactor: IReactorTime,
         retry_delay: Callable[[int], float],
@@ -40,6 +41,8 @@ class SymbolList:
         self._retry_delay = retry_delay
         self._weight = weight
         self.symbols: frozenset[str] | None = None
+        self.instruments: dict[str, Instrument] = {}
+        self.by_native: dict[str, str] = {}
         self._waiters: list[Deferred[None]] = []
         self._attempts = 0
         self._request: Deferred[Any] | None = None
@@ -78,12 +81,26 @@ class SymbolList:
     def _loaded(self, document: Any) -> None:
         self._request = None
         try:
-            symbols = frozenset(self._parse(document))
+            listed = list(self._parse(document))
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             self._failed(Failure(error))
             return
-        self.symbols = symbols
-        self.log.info("{venue}: {count} symbols listed", venue=self.venue, count=len(symbols))
+        instruments: dict[str, Instrument] = {}
+        ambiguous: set[str] = set()
+        for instrument in listed:
+            other = instruments.setdefault(instrument.symbol, instrument)
+            if other is not instrument and (other.base, other.quote) != (instrument.base, instrument.quote):
+                ambiguous.add(instrument.symbol)
+        for symbol in sorted(ambiguous):
+            # Two markets whose names concatenate alike (AB/CDEF, ABC/DEF): neither
+            # is served rather than one silently standing in for the other.
+            self.log.warn("{venue}: {symbol} names two markets; neither is served",
+                          venue=self.venue, symbol=symbol)
+            del instruments[symbol]
+        self.instruments = instruments
+        self.by_native = {instrument.native: symbol for symbol, instrument in instruments.items()}
+        self.symbols = frozenset(instruments)
+        self.log.info("{venue}: {count} symbols listed", venue=self.venue, count=len(instruments))
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(None)

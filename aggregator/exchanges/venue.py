@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from aggregator.book import ExchangeBook
+from aggregator.instruments import Instrument
 
 if TYPE_CHECKING:
     from aggregator.exchanges.connection import Connection
@@ -59,6 +60,12 @@ class FeedContext(Protocol):
     @property
     def reactor(self) -> IReactorTime: ...
 
+    def instrument(self, symbol: str) -> Instrument:
+        """The venue's instrument behind a canonical symbol it lists."""
+
+    def symbol_of(self, native: str) -> str | None:
+        """The canonical symbol of the venue's native name, if it lists it."""
+
     def retry_delay(self, attempt: int) -> float:
         """Backoff before retry number `attempt` (0-based) of anything."""
 
@@ -92,8 +99,8 @@ class VenueAdapter(Protocol):
     def symbol_list_path(self) -> str:
         """REST path (after the configured base URL) of the instrument list."""
 
-    def parse_symbol_list(self, document: Any) -> Iterable[str]:
-        """The instrument list → canonical symbols with live books."""
+    def parse_symbol_list(self, document: Any) -> Iterable[Instrument]:
+        """The instrument list → the instruments with live books (trading)."""
 
     def subscribe_frame(self, connection: Connection, symbols: list[str]) -> Any:
         """The frame subscribing `symbols` on `connection` (it is being sent)."""

@@ -70,11 +70,12 @@ def pairs_info(served: Iterable[str], listings: Mapping[str, dict] | None = None
     for pair in sorted(served):
         entry = listings.get(pair) or fixtures.bitstamp_pair_entry(pair)
         if entry is None:  # not recorded: a plausible entry
+            base, quote = fixtures.split_symbol(pair)
             entry = {
                 "trading": "Enabled",
                 "base_decimals": 8,
                 "url_symbol": pair,
-                "name": pair.upper(),
+                "name": f"{base}/{quote}",
                 "instant_and_market_orders": "Enabled",
                 "minimum_order": "20.0",
                 "counter_decimals": 8,

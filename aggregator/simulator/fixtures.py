@@ -212,3 +212,17 @@ def bitstamp_pair_entry(pair: str) -> dict | None:
         if entry["url_symbol"] == pair:
             return entry
     return None
+
+
+# Quote assets the simulator's own symbol names end with (longest first).
+_QUOTES = ("USDT", "USDC", "BTC", "ETH", "EUR", "USD", "GBP")
+
+
+def split_symbol(symbol: str) -> tuple[str, str]:
+    """"btcusdt" → ("BTC", "USDT"): the base and quote of a symbol the
+    simulator serves without a recorded listing of it."""
+    upper = symbol.upper()
+    for quote in _QUOTES:
+        if upper.endswith(quote) and len(upper) > len(quote):
+            return upper[: -len(quote)], quote
+    return upper[:3], upper[3:]

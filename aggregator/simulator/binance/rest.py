@@ -86,7 +86,10 @@ def exchange_info_symbols(served: Iterable[str], listings: Mapping[str, dict] | 
     template = fixtures.binance_symbol_entry("ETHBTC") or {}
     entries = []
     for symbol in served:
-        entry = copy.deepcopy(listings.get(symbol) or fixtures.binance_symbol_entry(symbol) or template)
+        listed = listings.get(symbol) or fixtures.binance_symbol_entry(symbol)
+        entry = copy.deepcopy(listed or template)
+        if listed is None:  # the template's assets are ETH and BTC: this one's are its own
+            entry["baseAsset"], entry["quoteAsset"] = fixtures.split_symbol(symbol)
         entry["symbol"] = symbol.upper()
         entry["status"] = "TRADING"
         entries.append(entry)
