@@ -12,6 +12,7 @@ request deserializers turn either request into the symbol asked for.
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, NoReturn
 
@@ -23,7 +24,7 @@ from twisted.logger import Logger
 
 from aggregator import __version__, metrics
 from aggregator._proto import orderbook_pb2
-from aggregator.address import CannotListen
+from aggregator.address import CannotListen, is_loopback, split_host_port
 from aggregator.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from aggregator.health import Health
 from aggregator.merger import (
@@ -34,6 +35,7 @@ from aggregator.merger import (
     UnknownSymbol,
 )
 from aggregator.symbols import InvalidSymbol, normalize
+from aggregator.throttled_log import ThrottledLog
 from aggregator.tls import KeyPair
 
 _SERVICES = orderbook_pb2.DESCRIPTOR.services_by_name
@@ -91,6 +93,13 @@ class Keepalive:
         ]
 
 
+def format_peer(peer: str) -> str:
+    """gRPC's "ipv6:%5B::1%5D:40272" → "[::1]:40272", "ipv4:127.0.0.1:5000" →
+    "127.0.0.1:5000": the address as a user would type it."""
+    scheme, _, address = urllib.parse.unquote(peer).partition(":")
+    return address if scheme in ("ipv4", "ipv6") else urllib.parse.unquote(peer)
+
+
 class AggregatorServicer:
     log = Logger()
 
@@ -105,22 +114,28 @@ class AggregatorServicer:
         if clock is None:
             from twisted.internet import reactor as clock
         self.merger = merger
-        self.symbol_list_wait = symbol_list_wait
+        # Streams asked for while the daemon starts wait up to symbol_list_wait
+        # for the exchanges' symbol lists; later ones are answered at once: a
+        # list still missing then is an exchange down, which waiting won't fix.
+        self.symbol_lists_wait_until = clock.seconds() + symbol_list_wait
         self.default_symbol = default_symbol
         self.limits = limits
         self.clock = clock  # the clock metrics.FRAME_CLOCK is marked with
         self.streams = 0  # admitted, including those still waiting for a subscription
         self.subscriptions: set[Subscription] = set()
+        # A client retrying in a loop must not flood the log.
+        self._refusals = ThrottledLog(self.log, clock)
 
     async def BookSummary(
         self, raw_symbol: str, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         # Read now: context.peer() on a finished call crashes the process (grpcio 1.85).
-        peer = context.peer()
+        peer = format_peer(context.peer())
         # Before anything else, so no request beyond the limit costs anything.
         if self.streams >= self.limits.max_streams:
             await self._refuse(
                 context,
+                peer,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many streams: the daemon serves at most {self.limits.max_streams} at once",
             )
@@ -131,8 +146,8 @@ class AggregatorServicer:
             try:
                 symbol = normalize(raw_symbol)
             except InvalidSymbol as error:
-                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            subscription = await self._subscribe(symbol, context)
+                await self._refuse(context, peer, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            subscription = await self._subscribe(symbol, context, peer)
             self.subscriptions.add(subscription)
             self.log.info("stream opened: {symbol} for {peer}", symbol=symbol, peer=peer)
             loop = asyncio.get_running_loop()
@@ -162,29 +177,37 @@ class AggregatorServicer:
             # Clamped: the reactor's clock is the wall clock (see FrameClock).
             metrics.UPDATE_LATENCY.observe(max(0.0, self.clock.seconds() - arrival))
 
-    async def _subscribe(self, symbol: str, context: grpc.aio.ServicerContext) -> Subscription:
+    async def _subscribe(
+        self, symbol: str, context: grpc.aio.ServicerContext, peer: str
+    ) -> Subscription:
         try:
             return self.merger.subscribe(symbol, self.limits.max_symbols)
-        except SymbolListsUnavailable:
-            pass
+        except SymbolListsUnavailable as error:
+            wait = self.symbol_lists_wait_until - self.clock.seconds()
+            if wait <= 0:
+                await self._refuse(context, peer, grpc.StatusCode.UNAVAILABLE, str(error))
         except (UnknownSymbol, TooManySymbols) as error:
-            await self._refuse(context, _REFUSALS[type(error)], str(error))
+            await self._refuse(context, peer, _REFUSALS[type(error)], str(error))
         # Just started: wait a little for the exchanges' symbol lists.
         loaded = self.merger.when_symbol_lists_loaded()
         loaded.addErrback(lambda failure: failure.trap(CancelledError))  # our timeout
         try:
-            await asyncio.wait_for(loaded.asFuture(asyncio.get_running_loop()), self.symbol_list_wait)
+            await asyncio.wait_for(loaded.asFuture(asyncio.get_running_loop()), wait)
         except asyncio.TimeoutError:
             pass
         try:
             return self.merger.subscribe(symbol, self.limits.max_symbols)
         except (UnknownSymbol, TooManySymbols, SymbolListsUnavailable) as error:
-            await self._refuse(context, _REFUSALS[type(error)], str(error))
+            await self._refuse(context, peer, _REFUSALS[type(error)], str(error))
 
     async def _refuse(
-        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+        self, context: grpc.aio.ServicerContext, peer: str, code: grpc.StatusCode, message: str
     ) -> NoReturn:
         metrics.STREAMS_REFUSED.labels(code.name.lower()).inc()
+        self._refusals.warn(
+            code, "stream refused for {peer}: {code} {reason}", peer=peer, code=code.name,
+            reason=message,
+        )
         await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
 
@@ -270,9 +293,21 @@ class GrpcServer(Service):
             "gRPC listening on {listen} (port {port}, {security}); aggregator {version}",
             listen=self.listen,
             port=port,
-            security="TLS" if self.tls else "plaintext",
+            security=self._security(),
             version=__version__,
         )
+        if self.tls is None and not is_loopback(split_host_port(self.listen)[0]):
+            self.log.warn(
+                "gRPC on {listen} is reachable beyond this machine in plaintext: anyone who "
+                "can reach it may connect and read it; add --tls-cert/--tls-key "
+                "(and --tls-client-ca to choose who may connect)",
+                listen=self.listen,
+            )
+
+    def _security(self) -> str:
+        if self.tls is None:
+            return "plaintext"
+        return "TLS" if self.tls.client_ca is None else "mutual TLS: client certificates required"
 
     def _bind(self, server: Any) -> int:
         try:
