@@ -296,6 +296,9 @@ class GrpcServer(Service):
             security=self._security(),
             version=__version__,
         )
+        self.warn_if_exposed()
+
+    def warn_if_exposed(self) -> None:
         if self.tls is None and not is_loopback(split_host_port(self.listen)[0]):
             self.log.warn(
                 "gRPC on {listen} is reachable beyond this machine in plaintext: anyone who "
