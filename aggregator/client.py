@@ -438,7 +438,8 @@ def reconnect_delay(
 
 
 class _Unreachable(Exception):
-    """The channel did not become ready within the timeout."""
+    """The channel did not become ready within the timeout (the reason as
+    gRPC last saw it)."""
 
 
 class _StreamEnded(Exception):
@@ -549,13 +550,13 @@ def _watch(
     # Leaving the `with` closes the channel, which cancels the stream.
     with _channel(args) as channel:
         ready = grpc.channel_ready_future(channel)
+        stub = orderbook_pb2_grpc.AggregatorStub(channel)
+        request = orderbook_pb2.Request(symbol=args.symbol)
         try:
             ready.result(timeout=args.timeout)
         except grpc.FutureTimeoutError:
             ready.cancel()
-            raise _Unreachable from None
-        stub = orderbook_pb2_grpc.AggregatorStub(channel)
-        request = orderbook_pb2.Request(symbol=args.symbol)
+            raise _Unreachable(_connection_error(stub, request)) from None
         attempt = 0
         screen.run_ticker()
         try:
@@ -580,6 +581,21 @@ def _watch(
                     sleep(delay)
         finally:
             screen.stop()
+
+
+def _connection_error(stub: orderbook_pb2_grpc.AggregatorStub, request: orderbook_pb2.Request) -> str:
+    """Why the channel is not ready, as gRPC last saw it ("Connection
+    refused", a TLS handshake failure, a name that does not resolve): a call
+    that does not wait for the connection fails at once with it."""
+    try:
+        next(iter(stub.BookSummary(request, timeout=1)))
+    except grpc.RpcError as error:
+        # "failed to connect to all addresses; last error: UNKNOWN:
+        # ipv4:127.0.0.1:9: Failed to connect to remote host: Connection
+        # refused": the last part is the one a user knows.
+        details = error.details() or ""  # type: ignore[attr-defined]
+        return details.rpartition(": ")[2].rstrip("]") or details
+    return "connection attempts timed out"
 
 
 def _resumable(error: Exception) -> bool:
@@ -633,8 +649,12 @@ def main(
     except BrokenPipeError:
         _silence_stdout(out)
         return EXIT_BROKEN_PIPE
-    except _Unreachable:
-        return fail(f"cannot reach the daemon at {args.addr}", EXIT_UNREACHABLE)
+    except _Unreachable as exc:
+        hint = ""
+        if args.tls or args.tls_ca or args.tls_cert:
+            # A refused handshake looks like any closed connection.
+            hint = "; or it refused the TLS handshake: check --tls-ca, --tls-cert and --tls-key"
+        return fail(f"cannot reach the daemon at {args.addr} ({exc}){hint}", EXIT_UNREACHABLE)
     except OSError as exc:  # a --tls-* file unreadable
         return fail(f"{exc.filename}: {exc.strerror}", EXIT_ERROR)
     except _StreamEnded:

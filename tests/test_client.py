@@ -364,7 +364,7 @@ def test_unreachable() -> None:
     code, out, err = run("ethbtc", "--addr", f"127.0.0.1:{port}", "--timeout", "1")
     assert time.monotonic() - started < 4
     assert (code, out) == (2, "")
-    assert err == f"aggregator-client: cannot reach the daemon at 127.0.0.1:{port}\n"
+    assert err == f"aggregator-client: cannot reach the daemon at 127.0.0.1:{port} (Connection refused)\n"
 
 
 def test_version_and_bad_arguments() -> None:
