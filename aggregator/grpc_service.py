@@ -20,6 +20,7 @@ import grpc
 from grpc_reflection.v1alpha import reflection
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorFDSet
 from twisted.logger import Logger
 
 from aggregator import __version__, metrics
@@ -36,7 +37,7 @@ from aggregator.merger import (
 )
 from aggregator.symbols import InvalidSymbol, normalize
 from aggregator.throttled_log import ThrottledLog
-from aggregator.tls import KeyPair
+from aggregator.tls import KeyPair, RefusedHandshakes
 
 _SERVICES = orderbook_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAME = _SERVICES["Aggregator"].full_name
@@ -257,7 +258,10 @@ class GrpcServer(Service):
         health: Health | None = None,
         tls: KeyPair | None = None,
         keepalive: Keepalive = Keepalive(),
+        reactor: IReactorFDSet | None = None,
     ) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # type: ignore[assignment]
         self.listen = listen
         self.servicer = servicer
         self.grace = grace
@@ -267,6 +271,9 @@ class GrpcServer(Service):
         self.port: int | None = None
         self._server: Any = None
         self._started: Deferred = succeed(None)
+        self._refused_handshakes = (
+            None if tls is None else RefusedHandshakes(reactor, servicer.clock)  # type: ignore[arg-type]
+        )
 
     def startService(self) -> None:
         server = grpc.aio.server(
@@ -285,6 +292,8 @@ class GrpcServer(Service):
             services.append(HEALTH_SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
         port = self._bind(server)
+        if self._refused_handshakes is not None:
+            self._refused_handshakes.start()
         super().startService()
         self._server = server
         self.port = port
@@ -338,6 +347,14 @@ class GrpcServer(Service):
         # clean end rather than a cancel.
         health = self.health.shut_down() if self.health is not None else succeed(None)
         self.servicer.end_streams()
-        return health.addCallback(
+        stopped = health.addCallback(
             lambda _: Deferred.fromFuture(asyncio.ensure_future(server.stop(self.grace)))
         )
+        if self._refused_handshakes is not None:
+            stopped.addBoth(self._stop_watching_handshakes)
+        return stopped
+
+    def _stop_watching_handshakes(self, result: object) -> object:
+        assert self._refused_handshakes is not None
+        self._refused_handshakes.stop()
+        return result

@@ -87,3 +87,9 @@ class FrameClock:
 
 
 FRAME_CLOCK = FrameClock()
+
+TLS_HANDSHAKES_REFUSED = Counter(
+    "aggregator_tls_handshakes_refused",
+    "TLS handshakes on the gRPC port that failed (e.g. no client certificate, or one the "
+    "--tls-client-ca did not sign), as gRPC's own log reports them",
+)

@@ -9,11 +9,19 @@ daemonizes, while the terminal still shows it).
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from aggregator import metrics
+from aggregator.throttled_log import ThrottledLog
 
 
 class BadKeyPair(ValueError):
@@ -76,3 +84,93 @@ def _public(key: object) -> bytes:
     return key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+@implementer(IReadDescriptor)
+class RefusedHandshakes:
+    """Counts and logs, once per burst, the TLS handshakes gRPC refuses.
+
+    gRPC reports a refused handshake only as a line its C core writes to
+    file descriptor 2 ("Handshake failed with error SSL_ERROR_SSL: ...
+    PEER_DID_NOT_RETURN_A_CERTIFICATE"), one per attempt, and a client
+    without a valid certificate retries every second or so: that would bury
+    the terminal or log, and Python never hears of it. So while the server
+    runs, fd 2 is a pipe read by the reactor: handshake lines are counted
+    (aggregator_tls_handshakes_refused_total) and logged once per burst,
+    every other line goes through to the real stderr unchanged.
+    """
+
+    log = Logger()
+    _FAILED = re.compile(rb"Handshake failed with error \S+: (?:.*OPENSSL_internal:)?(\w+)(.*)")
+    # OpenSSL's reasons for the refusals mutual TLS is about, in words.
+    _REASONS = {
+        b"PEER_DID_NOT_RETURN_A_CERTIFICATE": "the client sent no certificate",
+        b"CERTIFICATE_VERIFY_FAILED": "the client's certificate is not one --tls-client-ca signed",
+    }
+
+    def __init__(self, reactor: IReactorFDSet, clock: IReactorTime) -> None:
+        self._reactor = reactor
+        self._throttled = ThrottledLog(self.log, clock)
+        self._stderr = -1  # the real stderr while we hold fd 2
+        self._pipe = -1
+        self._pending = b""
+
+    def start(self) -> None:
+        read, write = os.pipe()
+        self._stderr = os.dup(2)
+        os.dup2(write, 2)
+        os.close(write)
+        # gRPC's threads must never wait for the reactor: with the pipe full
+        # (a stalled reactor) a line is lost rather than a thread blocked.
+        os.set_blocking(2, False)
+        os.set_blocking(read, False)
+        self._pipe = read
+        self._reactor.addReader(self)
+
+    def stop(self) -> None:
+        if self._pipe < 0:
+            return
+        self._reactor.removeReader(self)
+        self.doRead()
+        os.dup2(self._stderr, 2)  # the real stderr again, as it was (blocking)
+        os.close(self._stderr)
+        os.close(self._pipe)
+        self._pipe = self._stderr = -1
+        self._pass_through(self._pending)
+        self._pending = b""
+
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self._pipe
+
+    def logPrefix(self) -> str:
+        return "gRPC stderr"
+
+    def connectionLost(self, reason: object) -> None:
+        pass  # stop() closes the pipe
+
+    def doRead(self) -> None:
+        try:
+            data = os.read(self._pipe, 65536)
+        except BlockingIOError:
+            return
+        *lines, self._pending = (self._pending + data).split(b"\n")
+        for line in lines:
+            self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        failed = self._FAILED.search(line)
+        if failed is None:
+            self._pass_through(line + b"\n")
+            return
+        metrics.TLS_HANDSHAKES_REFUSED.inc()
+        code, detail = failed.groups()
+        reason = self._REASONS.get(code) or (code + detail).decode(errors="replace").strip()
+        self._throttled.warn("handshake", "TLS handshake refused: {reason}", reason=reason)
+
+    def _pass_through(self, data: bytes) -> None:
+        if data:
+            try:
+                os.write(self._stderr, data)
+            except OSError:
+                pass  # stderr closed: nowhere to report it either

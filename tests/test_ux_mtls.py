@@ -5,6 +5,7 @@ import asyncio
 import datetime
 import io
 import ipaddress
+import os
 import json
 
 import pytest
@@ -13,12 +14,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from prometheus_client import REGISTRY
 from twisted.internet import reactor
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from aggregator.client import main as client_main
 from aggregator.simulator import SimulatorService
-from tests.aio import aio
+from tests.aio import aio, wait_until
 from tests.e2e import plugin, start_daemon
 
 
@@ -79,8 +82,20 @@ async def client(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def refused_handshakes():
+    return REGISTRY.get_sample_value("aggregator_tls_handshakes_refused_total") or 0.0
+
+
+@pytest.fixture
+def events():
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
 @pytest_twisted.ensureDeferred
-async def test_only_clients_with_a_certificate_the_ca_signed_may_connect(tmp_path):
+async def test_only_clients_with_a_certificate_the_ca_signed_may_connect(tmp_path, events):
     servers, clients, strangers = (Authority(tmp_path, n) for n in ("servers", "clients", "strangers"))
     server_cert, server_key = servers.issue("server")
     sim = SimulatorService(reactor=reactor, source="synthetic", seed=1, speed=1.0)
@@ -96,12 +111,39 @@ async def test_only_clients_with_a_certificate_the_ca_signed_may_connect(tmp_pat
         assert (code, err) == (0, "") and json.loads(out)["symbol"] == "ethbtc"
 
         # No certificate, or one another CA signed: the handshake is refused.
+        refused_before = refused_handshakes()
         cert, key = strangers.issue("mallory")
         for extra in ([], ["--tls-cert", str(cert), "--tls-key", str(key)]):
             code, out, err = await client(*tls, *extra)
             assert (code, out) == (2, ""), err
             assert err == (f"aggregator-client: cannot reach the daemon at {address} (Socket closed); "
                            "or it refused the TLS handshake: check --tls-ca, --tls-cert and --tls-key\n")
+        # Each client retried within its --timeout: every refusal is counted, and
+        # logged once for the burst, with the reason.
+        await aio(wait_until(lambda: refused_handshakes() >= refused_before + 2, timeout=5))
+        logged = [e for e in events if e.get("log_format") == "TLS handshake refused: {reason}"]
+        assert [e["reason"] for e in logged] == ["the client sent no certificate"], logged
     finally:
         await daemon.stopService()
         await sim.stopService()
+
+
+def test_other_grpc_lines_go_through_and_reasons_are_in_words(events):
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import MemoryReactor
+
+    from aggregator.tls import RefusedHandshakes
+
+    watch = RefusedHandshakes(MemoryReactor(), Clock())
+    read, watch._stderr = os.pipe()
+    try:
+        watch._line(b"E1206 01:15:08.05 1 add_port.cc:83] Failed to add port")
+        watch._line(b"I1206 01:21:02.82 2 ssl_transport_security.cc:2563] Handshake failed with "
+                    b"error SSL_ERROR_SSL: error:1000007d:SSL routines:OPENSSL_internal:"
+                    b"CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate")
+        assert os.read(read, 1000) == b"E1206 01:15:08.05 1 add_port.cc:83] Failed to add port\n"
+    finally:
+        os.close(read)
+        os.close(watch._stderr)
+    assert [e["reason"] for e in events if "reason" in e] == [
+        "the client's certificate is not one --tls-client-ca signed"]
