@@ -433,7 +433,7 @@ def reconnect_delay(
     """Seconds before reconnection attempt `attempt` (0, 1, ...): doubling from
     RECONNECT_INITIAL up to RECONNECT_MAX, less up to a half at random so that
     the clients of a restarted daemon do not all come back at once."""
-    delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2**attempt)
+    delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2.0**attempt)
     return delay * (1 - jitter() / 2)
 
 
@@ -593,7 +593,7 @@ def _connection_error(stub: orderbook_pb2_grpc.AggregatorStub, request: orderboo
         # "failed to connect to all addresses; last error: UNKNOWN:
         # ipv4:127.0.0.1:9: Failed to connect to remote host: Connection
         # refused": the last part is the one a user knows.
-        details = error.details() or ""  # type: ignore[attr-defined]
+        details: str = error.details() or ""
         return details.rpartition(": ")[2].rstrip("]") or details
     return "connection attempts timed out"
 

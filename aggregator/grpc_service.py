@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, NoReturn
+from typing import AsyncIterator, Callable, NoReturn, cast
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IReactorFDSet
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from aggregator import __version__, metrics
@@ -110,10 +110,12 @@ class AggregatorServicer:
         symbol_list_wait: float = 5.0,
         default_symbol: str = "ethbtc",
         limits: Limits = Limits(),
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
         self.merger = merger
         # Streams asked for while the daemon starts wait up to symbol_list_wait
         # for the exchanges' symbol lists; later ones are answered at once: a
@@ -221,7 +223,7 @@ class AggregatorServicer:
             subscription.end()
 
     def generic_handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
-        def book_summary(request_deserializer: Any) -> grpc.RpcMethodHandler:
+        def book_summary(request_deserializer: Callable[[bytes], str]) -> grpc.RpcMethodHandler:
             return grpc.unary_stream_rpc_method_handler(
                 self.BookSummary,
                 request_deserializer=request_deserializer,
@@ -258,10 +260,7 @@ class GrpcServer(Service):
         health: Health | None = None,
         tls: KeyPair | None = None,
         keepalive: Keepalive = Keepalive(),
-        reactor: IReactorFDSet | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor  # type: ignore[assignment]
         self.listen = listen
         self.servicer = servicer
         self.grace = grace
@@ -269,11 +268,9 @@ class GrpcServer(Service):
         self.tls = tls
         self.keepalive = keepalive
         self.port: int | None = None
-        self._server: Any = None
-        self._started: Deferred = succeed(None)
-        self._refused_handshakes = (
-            None if tls is None else RefusedHandshakes(reactor, servicer.clock)  # type: ignore[arg-type]
-        )
+        self._server: grpc.aio.Server | None = None
+        self._started: Deferred[None] = succeed(None)
+        self._refused_handshakes = None if tls is None else RefusedHandshakes(servicer.clock)
 
     def startService(self) -> None:
         server = grpc.aio.server(
@@ -293,7 +290,7 @@ class GrpcServer(Service):
         reflection.enable_server_reflection(services, server)
         port = self._bind(server)
         if self._refused_handshakes is not None:
-            self._refused_handshakes.start()
+            self._refused_handshakes.start(asyncio.get_event_loop())
         super().startService()
         self._server = server
         self.port = port
@@ -321,7 +318,7 @@ class GrpcServer(Service):
             return "plaintext"
         return "TLS" if self.tls.client_ca is None else "mutual TLS: client certificates required"
 
-    def _bind(self, server: Any) -> int:
+    def _bind(self, server: grpc.aio.Server) -> int:
         try:
             if self.tls is None:
                 port = server.add_insecure_port(self.listen)
@@ -333,12 +330,12 @@ class GrpcServer(Service):
             raise CannotListen(
                 f"cannot listen for gRPC on {self.listen}: address in use or unavailable"
             )
-        return port
+        return int(port)
 
-    def whenStarted(self) -> Deferred:
+    def whenStarted(self) -> Deferred[None]:
         return self._started
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         server, self._server = self._server, None
         if server is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aggregator.reactor import install_asyncio_reactor
 
@@ -34,6 +34,9 @@ from aggregator.merger import Merger  # noqa: E402
 from aggregator.metrics_http import MetricsServer  # noqa: E402
 from aggregator.symbols import InvalidSymbol, normalize  # noqa: E402
 from aggregator.tls import BadKeyPair, KeyPair, read_client_ca, read_key_pair  # noqa: E402
+
+if TYPE_CHECKING:
+    from aggregator.simulator import SimulatorService
 
 DEFAULT_URLS = {
     "binance-ws-url": "wss://stream.binance.com:9443",
@@ -230,7 +233,7 @@ class DemoWiring(Service):
     """Points the feeds at the simulator once it listens (its ports are
     ephemeral, so they are known only after it started)."""
 
-    def __init__(self, simulator: Any, feeds: list[ExchangeFeed]) -> None:
+    def __init__(self, simulator: SimulatorService, feeds: list[ExchangeFeed]) -> None:
         self.simulator = simulator
         self.feeds = feeds
 

@@ -9,6 +9,7 @@ daemonizes, while the terminal still shows it).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from dataclasses import dataclass
@@ -16,9 +17,9 @@ from dataclasses import dataclass
 import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.interfaces import IReactorFDSet, IReactorTime, IReadDescriptor
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from zope.interface import implementer
 
 from aggregator import metrics
 from aggregator.throttled_log import ThrottledLog
@@ -80,13 +81,12 @@ def _read(path: str) -> bytes:
         raise BadKeyPair(f"cannot read {path}: {error.strerror}") from None
 
 
-def _public(key: object) -> bytes:
-    return key.public_bytes(  # type: ignore[attr-defined]
+def _public(key: PublicKeyTypes) -> bytes:
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
 
-@implementer(IReadDescriptor)
 class RefusedHandshakes:
     """Counts and logs, once per burst, the TLS handshakes gRPC refuses.
 
@@ -95,7 +95,7 @@ class RefusedHandshakes:
     PEER_DID_NOT_RETURN_A_CERTIFICATE"), one per attempt, and a client
     without a valid certificate retries every second or so: that would bury
     the terminal or log, and Python never hears of it. So while the server
-    runs, fd 2 is a pipe read by the reactor: handshake lines are counted
+    runs, fd 2 is a pipe read on the event loop: handshake lines are counted
     (aggregator_tls_handshakes_refused_total) and logged once per burst,
     every other line goes through to the real stderr unchanged.
     """
@@ -108,14 +108,15 @@ class RefusedHandshakes:
         b"CERTIFICATE_VERIFY_FAILED": "the client's certificate is not one --tls-client-ca signed",
     }
 
-    def __init__(self, reactor: IReactorFDSet, clock: IReactorTime) -> None:
-        self._reactor = reactor
+    def __init__(self, clock: IReactorTime) -> None:
         self._throttled = ThrottledLog(self.log, clock)
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stderr = -1  # the real stderr while we hold fd 2
         self._pipe = -1
         self._pending = b""
 
-    def start(self) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On grpc.aio's loop (the reactor's): its threads write, the loop reads."""
         read, write = os.pipe()
         self._stderr = os.dup(2)
         os.dup2(write, 2)
@@ -125,13 +126,15 @@ class RefusedHandshakes:
         os.set_blocking(2, False)
         os.set_blocking(read, False)
         self._pipe = read
-        self._reactor.addReader(self)
+        self._loop = loop
+        loop.add_reader(read, self._read)
 
     def stop(self) -> None:
-        if self._pipe < 0:
+        if self._loop is None:
             return
-        self._reactor.removeReader(self)
-        self.doRead()
+        self._loop.remove_reader(self._pipe)
+        self._loop = None
+        self._read()
         os.dup2(self._stderr, 2)  # the real stderr again, as it was (blocking)
         os.close(self._stderr)
         os.close(self._pipe)
@@ -139,17 +142,7 @@ class RefusedHandshakes:
         self._pass_through(self._pending)
         self._pending = b""
 
-    # IReadDescriptor
-    def fileno(self) -> int:
-        return self._pipe
-
-    def logPrefix(self) -> str:
-        return "gRPC stderr"
-
-    def connectionLost(self, reason: object) -> None:
-        pass  # stop() closes the pipe
-
-    def doRead(self) -> None:
+    def _read(self) -> None:
         try:
             data = os.read(self._pipe, 65536)
         except BlockingIOError:

@@ -130,11 +130,10 @@ async def test_only_clients_with_a_certificate_the_ca_signed_may_connect(tmp_pat
 
 def test_other_grpc_lines_go_through_and_reasons_are_in_words(events):
     from twisted.internet.task import Clock
-    from twisted.internet.testing import MemoryReactor
 
     from aggregator.tls import RefusedHandshakes
 
-    watch = RefusedHandshakes(MemoryReactor(), Clock())
+    watch = RefusedHandshakes(Clock())
     read, watch._stderr = os.pipe()
     try:
         watch._line(b"E1206 01:15:08.05 1 add_port.cc:83] Failed to add port")
