@@ -169,6 +169,10 @@ class Options(usage.Options):
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
+        # Last: once the command line is known to be right. Only twistd binds
+        # (tests build the service directly, on ports of their own).
+        if self.parent is not None:
+            self._check_ports()
 
     def _check_operations(self) -> None:
         try:
@@ -189,9 +193,6 @@ class Options(usage.Options):
             except ValueError as error:
                 raise usage.UsageError(f"--metrics: {error} (or a port alone)")
         self["tls"] = self._tls()
-        # Only twistd binds (tests build the service directly, on ports of their own).
-        if self.parent is not None:
-            self._check_ports()
         if not (self["keepalive"] > 0 and self["keepalive-timeout"] > 0):
             raise usage.UsageError("--keepalive and --keepalive-timeout must be positive")
         if self["log-format"] not in ("text", "json"):
