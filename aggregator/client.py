@@ -14,20 +14,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.resources
 import json
 import math
 import os
 import random
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import Callable, TextIO
+from typing import Callable, NoReturn, TextIO
 
 import grpc
 
 from aggregator import __version__
 from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc
+from aggregator.address import split_host_port
 
 PROG = "aggregator-client"
 DEFAULT_SYMBOL = "ethbtc"
@@ -36,9 +39,10 @@ DEFAULT_ADDR = "[::1]:9051"
 DEFAULT_TIMEOUT = 5.0
 
 EXIT_OK = 0
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # also a bad command line
 EXIT_UNREACHABLE = 2
 EXIT_BAD_SYMBOL = 3
+EXIT_NOT_READY = 4  # the daemon answered UNAVAILABLE (e.g. exchanges' symbol lists not loaded)
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for `| head`
 
@@ -71,6 +75,9 @@ _CHANNEL_OPTIONS = [
 
 # Cursor home + clear screen: the next table overwrites the previous one.
 _REDRAW = "\x1b[H\x1b[2J"
+# On a terminal the table is redrawn this often even without an update, so
+# that the age keeps counting while the book is quiet or the daemon down.
+_TICK = 1.0
 _COLUMN_GAP = "  "
 _SIDE_SEPARATOR = " | "
 
@@ -161,16 +168,30 @@ def format_age(seconds: float) -> str:
     return f"{seconds * 1000:.0f} ms" if abs(seconds) < 1 else f"{seconds:.1f} s"
 
 
+def column_widths(summary: orderbook_pb2.Summary) -> tuple[int, int, int]:
+    """(exchange, amount, price) widths the Summary's table needs."""
+    levels = list(summary.bids) + list(summary.asks)
+    return (
+        max([len("exchange")] + [len(lv.exchange) for lv in levels]),
+        max([len("amount")] + [len(t) for t in align_numbers([lv.amount for lv in levels])]),
+        max([len("price")] + [len(t) for t in align_numbers([lv.price for lv in levels])]),
+    )
+
+
 def format_table(
     summary: orderbook_pb2.Summary,
     symbol: str,
     updates: int,
     now: datetime.datetime,
+    widths: tuple[int, int, int] = (0, 0, 0),
+    status: str = "",
 ) -> str:
     """The Summary as a text table: bids on the left, asks on the right, best first.
 
     The header shows the update's age and, on a second line, each exchange's
-    book state, when the daemon sends them.
+    book state, when the daemon sends them, then `status` if any. Columns
+    are at least `widths` wide (see column_widths), so that successive
+    tables can keep their columns in place.
     """
     bids, asks = list(summary.bids), list(summary.asks)
     # Both price columns share one precision so bid and ask read alike; the
@@ -181,9 +202,7 @@ def format_table(
     bid_amounts, ask_amounts = amounts[: len(bids)], amounts[len(bids) :]
     price_decimals = _decimals(prices[0]) if prices else None
 
-    ex_w = max([len("exchange")] + [len(lv.exchange) for lv in bids + asks])
-    amount_w = max([len("amount")] + [len(t) for t in amounts])
-    price_w = max([len("price")] + [len(t) for t in prices])
+    ex_w, amount_w, price_w = map(max, zip(column_widths(summary), widths))
 
     def bid_cells(exchange: str, amount: str, price: str) -> str:
         return _COLUMN_GAP.join(
@@ -208,6 +227,8 @@ def format_table(
     lines = [_COLUMN_GAP.join(header)]
     if summary.exchanges:
         lines.append(format_exchanges(summary))
+    if status:
+        lines.append(status)
     lines += [
         "",
         "BIDS".rjust(bid_w) + _SIDE_SEPARATOR + "ASKS",
@@ -271,24 +292,52 @@ def format_json(summary: orderbook_pb2.Summary, symbol: str) -> str:
 # --------------------------------------------------------------------------
 
 
+# argparse's own messages name the conversion function ("invalid
+# _positive_int value: 'abc'"): these say what was expected instead.
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
     if not value > 0:  # also rejects nan
         raise argparse.ArgumentTypeError(f"must be positive, not {text}")
     return value
 
 
+def _address(text: str) -> str:
+    # Caught here, not by gRPC: it would take "::1:9051" for a name to
+    # resolve and wait out --timeout before failing.
+    try:
+        split_host_port(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line and a hint, not argparse's usage block; status 1 (2 means
+        the daemon is unreachable)."""
+        message = message.removeprefix("argument ").replace("/--", ", --")
+        self.exit(EXIT_ERROR, f"{PROG}: error: {message} (see {PROG} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Built per call so the environment defaults are read when main() runs,
     # not when the module is imported.
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Stream the aggregator daemon's merged top of book.",
     )
@@ -301,9 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--addr",
+        type=_address,
         default=os.environ.get("GRPC_ADDR", DEFAULT_ADDR),
         metavar="HOST:PORT",
-        help="daemon address (default: $GRPC_ADDR, else %(default)s)",
+        help="daemon address, an IPv6 address in brackets "
+        "(default: $GRPC_ADDR, else %(default)s)",
     )
     parser.add_argument(
         "--json",
@@ -343,9 +394,37 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. the daemon's self-signed one)",
     )
     parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="client certificate chain, for a daemon that requires one "
+        "(--tls-client-ca); implies --tls, needs --tls-key",
+    )
+    parser.add_argument(
+        "--tls-key", metavar="PEM", help="the unencrypted private key of --tls-cert"
+    )
+    parser.add_argument(
+        "--proto",
+        action=_PrintProto,
+        help="print the gRPC API (orderbook.proto), for generating clients, and exit",
+    )
+    parser.add_argument(
         "--version", action="version", version=f"{PROG} {__version__}"
     )
     return parser
+
+
+class _PrintProto(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        sys.stdout.write(proto_text())
+        parser.exit()
+
+
+def proto_text() -> str:
+    """The .proto the daemon serves, as installed with the package."""
+    return importlib.resources.files("aggregator._proto").joinpath("orderbook.proto").read_text()
 
 
 def reconnect_delay(
@@ -354,12 +433,13 @@ def reconnect_delay(
     """Seconds before reconnection attempt `attempt` (0, 1, ...): doubling from
     RECONNECT_INITIAL up to RECONNECT_MAX, less up to a half at random so that
     the clients of a restarted daemon do not all come back at once."""
-    delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2**attempt)
-    return float(delay * (1 - jitter() / 2))
+    delay = min(RECONNECT_MAX, RECONNECT_INITIAL * 2.0**attempt)
+    return delay * (1 - jitter() / 2)
 
 
 class _Unreachable(Exception):
-    """The channel did not become ready within the timeout."""
+    """The channel did not become ready within the timeout (the reason as
+    gRPC last saw it)."""
 
 
 class _StreamEnded(Exception):
@@ -367,14 +447,91 @@ class _StreamEnded(Exception):
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if not (args.tls or args.tls_ca):
+    if not (args.tls or args.tls_ca or args.tls_cert):
         return grpc.insecure_channel(args.addr, options=_CHANNEL_OPTIONS)
-    roots = None
-    if args.tls_ca:
-        with open(args.tls_ca, "rb") as file:
-            roots = file.read()
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read(args.tls_ca),
+        private_key=_read(args.tls_key),
+        certificate_chain=_read(args.tls_cert),
+    )
     return grpc.secure_channel(args.addr, credentials, options=_CHANNEL_OPTIONS)
+
+
+def _read(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
+class _Screen:
+    """Where Summaries and notices go.
+
+    Not on a terminal: each Summary printed in turn, notices on stderr. On a
+    terminal: one table redrawn in place, with the latest notice in it (a
+    notice on stderr would be wiped by the next redraw), every _TICK seconds
+    too, so that its age keeps counting while nothing arrives. Columns only
+    grow, so they do not jump between redraws.
+    """
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.redraw = not args.json and out.isatty()
+        self.updates = 0
+        self._summary: orderbook_pb2.Summary | None = None
+        self._widths = (0, 0, 0)
+        self._status = ""
+        self._lock = threading.Lock()  # the ticker thread draws too
+        self._stopped = threading.Event()
+
+    def show(self, summary: orderbook_pb2.Summary) -> None:
+        self.updates += 1
+        with self._lock:
+            self._summary = summary
+            self._widths = tuple(map(max, zip(self._widths, column_widths(summary))))  # type: ignore[assignment]
+            self._write(self._render(summary))
+
+    def notify(self, text: str) -> None:
+        if self.redraw:
+            with self._lock:
+                self._status = f"{time.strftime('%H:%M:%S')} {text}"
+                if self._summary is not None:
+                    self._write(self._render(self._summary))
+            if self.err.isatty():
+                return  # the table shows it; on the terminal it would be wiped
+        print(f"{PROG}: {text}", file=self.err, flush=True)
+
+    def run_ticker(self) -> None:
+        if self.redraw:
+            threading.Thread(target=self._tick, name="redraw", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def _tick(self) -> None:
+        while not self._stopped.wait(_TICK):
+            with self._lock:
+                if self._summary is not None and not self._stopped.is_set():
+                    self._write(self._render(self._summary))
+
+    def _render(self, summary: orderbook_pb2.Summary) -> str:
+        if self.args.json:
+            return format_json(summary, self.args.symbol) + "\n"
+        table = format_table(
+            summary, self.args.symbol, self.updates, datetime.datetime.now(),
+            self._widths, self._status,
+        )
+        if self.redraw:
+            return _REDRAW + table
+        return ("\n" if self.updates > 1 else "") + table
+
+    def _write(self, text: str) -> None:
+        # One write per update so a redraw doesn't flicker half-drawn, and
+        # a flush so a pipe reader sees each update as it happens.
+        self.out.write(text)
+        self.out.flush()
 
 
 def _watch(
@@ -389,42 +546,56 @@ def _watch(
     fails fast). After that, a stream that ends or breaks is reopened, with
     backoff, until it works again: the daemon is restarting.
     """
-    redraw = not args.json and out.isatty()
+    screen = _Screen(args, out, err)
     # Leaving the `with` closes the channel, which cancels the stream.
     with _channel(args) as channel:
         ready = grpc.channel_ready_future(channel)
+        stub = orderbook_pb2_grpc.AggregatorStub(channel)
+        request = orderbook_pb2.Request(symbol=args.symbol)
         try:
             ready.result(timeout=args.timeout)
         except grpc.FutureTimeoutError:
             ready.cancel()
-            raise _Unreachable from None
-        stub = orderbook_pb2_grpc.AggregatorStub(channel)
-        request = orderbook_pb2.Request(symbol=args.symbol)
-        updates = attempt = 0
-        while True:
-            try:
-                # Once reconnecting, wait for the daemon to be back rather
-                # than fail at once while it is down.
-                for summary in stub.BookSummary(request, wait_for_ready=updates > 0):
-                    if attempt:
-                        print(f"{PROG}: reconnected", file=err, flush=True)
-                        attempt = 0
-                    updates += 1
-                    _show(summary, args, updates, redraw, out)
-                    if updates == args.count:
-                        return
-                raise _StreamEnded
-            except (_StreamEnded, grpc.RpcError) as error:
-                if not (args.reconnect and updates and _resumable(error)):
-                    raise
-                delay = reconnect_delay(attempt)
-                attempt += 1
-                print(
-                    f"{PROG}: {_describe(error)}; reconnecting in {delay:.1f} s",
-                    file=err,
-                    flush=True,
-                )
-                sleep(delay)
+            raise _Unreachable(_connection_error(stub, request)) from None
+        attempt = 0
+        screen.run_ticker()
+        try:
+            while True:
+                try:
+                    # Once reconnecting, wait for the daemon to be back rather
+                    # than fail at once while it is down.
+                    for summary in stub.BookSummary(request, wait_for_ready=screen.updates > 0):
+                        if attempt:
+                            screen.notify("reconnected")
+                            attempt = 0
+                        screen.show(summary)
+                        if screen.updates == args.count:
+                            return
+                    raise _StreamEnded
+                except (_StreamEnded, grpc.RpcError) as error:
+                    if not (args.reconnect and screen.updates and _resumable(error)):
+                        raise
+                    delay = reconnect_delay(attempt)
+                    attempt += 1
+                    screen.notify(f"{_describe(error)}; reconnecting in {delay:.1f} s")
+                    sleep(delay)
+        finally:
+            screen.stop()
+
+
+def _connection_error(stub: orderbook_pb2_grpc.AggregatorStub, request: orderbook_pb2.Request) -> str:
+    """Why the channel is not ready, as gRPC last saw it ("Connection
+    refused", a TLS handshake failure, a name that does not resolve): a call
+    that does not wait for the connection fails at once with it."""
+    try:
+        next(iter(stub.BookSummary(request, timeout=1)))
+    except grpc.RpcError as error:
+        # "failed to connect to all addresses; last error: UNKNOWN:
+        # ipv4:127.0.0.1:9: Failed to connect to remote host: Connection
+        # refused": the last part is the one a user knows.
+        details: str = error.details() or ""
+        return details.rpartition(": ")[2].rstrip("]") or details
+    return "connection attempts timed out"
 
 
 def _resumable(error: Exception) -> bool:
@@ -435,27 +606,6 @@ def _describe(error: Exception) -> str:
     if isinstance(error, _StreamEnded):
         return "the daemon ended the stream"
     return f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
-
-
-def _show(
-    summary: orderbook_pb2.Summary,
-    args: argparse.Namespace,
-    updates: int,
-    redraw: bool,
-    out: TextIO,
-) -> None:
-    if args.json:
-        text = format_json(summary, args.symbol) + "\n"
-    else:
-        table = format_table(summary, args.symbol, updates, datetime.datetime.now())
-        if redraw:
-            text = _REDRAW + table
-        else:
-            text = ("\n" if updates > 1 else "") + table
-    # One write per update so a redraw doesn't flicker half-drawn, and
-    # a flush so a pipe reader sees each update as it happens.
-    out.write(text)
-    out.flush()
 
 
 def _silence_stdout(out: TextIO) -> None:
@@ -483,6 +633,10 @@ def main(
             args = build_parser().parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print(f"{PROG}: error: --tls-cert and --tls-key go together (see {PROG} --help)",
+              file=err)
+        return EXIT_ERROR
 
     def fail(message: str, code: int) -> int:
         print(f"{PROG}: {message}", file=err)
@@ -495,9 +649,13 @@ def main(
     except BrokenPipeError:
         _silence_stdout(out)
         return EXIT_BROKEN_PIPE
-    except _Unreachable:
-        return fail(f"cannot reach the daemon at {args.addr}", EXIT_UNREACHABLE)
-    except OSError as exc:  # --tls-ca unreadable
+    except _Unreachable as exc:
+        hint = ""
+        if args.tls or args.tls_ca or args.tls_cert:
+            # A refused handshake looks like any closed connection.
+            hint = "; or it refused the TLS handshake: check --tls-ca, --tls-cert and --tls-key"
+        return fail(f"cannot reach the daemon at {args.addr} ({exc}){hint}", EXIT_UNREACHABLE)
+    except OSError as exc:  # a --tls-* file unreadable
         return fail(f"{exc.filename}: {exc.strerror}", EXIT_ERROR)
     except _StreamEnded:
         return fail("the daemon ended the stream", EXIT_ERROR)
@@ -505,7 +663,8 @@ def main(
         # Errors raised while iterating a stream are also its grpc.Call.
         code, details = exc.code(), exc.details()
         if code is grpc.StatusCode.UNAVAILABLE:
-            return fail(f"cannot reach the daemon at {args.addr}", EXIT_UNREACHABLE)
+            # The connection was up (else _Unreachable): the daemon said why.
+            return fail(f"the daemon at {args.addr} is not ready: {details}", EXIT_NOT_READY)
         if code in _SYMBOL_ERRORS:
             return fail(f"{args.symbol}: {details}", EXIT_BAD_SYMBOL)
         return fail(f"{code.name}: {details}", EXIT_ERROR)

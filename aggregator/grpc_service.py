@@ -12,18 +12,20 @@ request deserializers turn either request into the symbol asked for.
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, NoReturn
+from typing import AsyncIterator, Callable, NoReturn, cast
 
 import grpc
 from grpc_reflection.v1alpha import reflection
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from aggregator import __version__, metrics
 from aggregator._proto import orderbook_pb2
-from aggregator.address import CannotListen
+from aggregator.address import CannotListen, is_loopback, split_host_port
 from aggregator.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from aggregator.health import Health
 from aggregator.merger import (
@@ -34,7 +36,8 @@ from aggregator.merger import (
     UnknownSymbol,
 )
 from aggregator.symbols import InvalidSymbol, normalize
-from aggregator.tls import KeyPair
+from aggregator.throttled_log import ThrottledLog
+from aggregator.tls import KeyPair, RefusedHandshakes
 
 _SERVICES = orderbook_pb2.DESCRIPTOR.services_by_name
 SERVICE_NAME = _SERVICES["Aggregator"].full_name
@@ -91,6 +94,13 @@ class Keepalive:
         ]
 
 
+def format_peer(peer: str) -> str:
+    """gRPC's "ipv6:%5B::1%5D:40272" → "[::1]:40272", "ipv4:127.0.0.1:5000" →
+    "127.0.0.1:5000": the address as a user would type it."""
+    scheme, _, address = urllib.parse.unquote(peer).partition(":")
+    return address if scheme in ("ipv4", "ipv6") else urllib.parse.unquote(peer)
+
+
 class AggregatorServicer:
     log = Logger()
 
@@ -100,27 +110,35 @@ class AggregatorServicer:
         symbol_list_wait: float = 5.0,
         default_symbol: str = "ethbtc",
         limits: Limits = Limits(),
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         if clock is None:
-            from twisted.internet import reactor as clock
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
         self.merger = merger
-        self.symbol_list_wait = symbol_list_wait
+        # Streams asked for while the daemon starts wait up to symbol_list_wait
+        # for the exchanges' symbol lists; later ones are answered at once: a
+        # list still missing then is an exchange down, which waiting won't fix.
+        self.symbol_lists_wait_until = clock.seconds() + symbol_list_wait
         self.default_symbol = default_symbol
         self.limits = limits
         self.clock = clock  # the clock metrics.FRAME_CLOCK is marked with
         self.streams = 0  # admitted, including those still waiting for a subscription
         self.subscriptions: set[Subscription] = set()
+        # A client retrying in a loop must not flood the log.
+        self._refusals = ThrottledLog(self.log, clock)
 
     async def BookSummary(
         self, raw_symbol: str, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         # Read now: context.peer() on a finished call crashes the process (grpcio 1.85).
-        peer = context.peer()
+        peer = format_peer(context.peer())
         # Before anything else, so no request beyond the limit costs anything.
         if self.streams >= self.limits.max_streams:
             await self._refuse(
                 context,
+                peer,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many streams: the daemon serves at most {self.limits.max_streams} at once",
             )
@@ -131,8 +149,8 @@ class AggregatorServicer:
             try:
                 symbol = normalize(raw_symbol)
             except InvalidSymbol as error:
-                await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            subscription = await self._subscribe(symbol, context)
+                await self._refuse(context, peer, grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            subscription = await self._subscribe(symbol, context, peer)
             self.subscriptions.add(subscription)
             self.log.info("stream opened: {symbol} for {peer}", symbol=symbol, peer=peer)
             loop = asyncio.get_running_loop()
@@ -162,29 +180,37 @@ class AggregatorServicer:
             # Clamped: the reactor's clock is the wall clock (see FrameClock).
             metrics.UPDATE_LATENCY.observe(max(0.0, self.clock.seconds() - arrival))
 
-    async def _subscribe(self, symbol: str, context: grpc.aio.ServicerContext) -> Subscription:
+    async def _subscribe(
+        self, symbol: str, context: grpc.aio.ServicerContext, peer: str
+    ) -> Subscription:
         try:
             return self.merger.subscribe(symbol, self.limits.max_symbols)
-        except SymbolListsUnavailable:
-            pass
+        except SymbolListsUnavailable as error:
+            wait = self.symbol_lists_wait_until - self.clock.seconds()
+            if wait <= 0:
+                await self._refuse(context, peer, grpc.StatusCode.UNAVAILABLE, str(error))
         except (UnknownSymbol, TooManySymbols) as error:
-            await self._refuse(context, _REFUSALS[type(error)], str(error))
+            await self._refuse(context, peer, _REFUSALS[type(error)], str(error))
         # Just started: wait a little for the exchanges' symbol lists.
         loaded = self.merger.when_symbol_lists_loaded()
         loaded.addErrback(lambda failure: failure.trap(CancelledError))  # our timeout
         try:
-            await asyncio.wait_for(loaded.asFuture(asyncio.get_running_loop()), self.symbol_list_wait)
+            await asyncio.wait_for(loaded.asFuture(asyncio.get_running_loop()), wait)
         except asyncio.TimeoutError:
             pass
         try:
             return self.merger.subscribe(symbol, self.limits.max_symbols)
         except (UnknownSymbol, TooManySymbols, SymbolListsUnavailable) as error:
-            await self._refuse(context, _REFUSALS[type(error)], str(error))
+            await self._refuse(context, peer, _REFUSALS[type(error)], str(error))
 
     async def _refuse(
-        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str
+        self, context: grpc.aio.ServicerContext, peer: str, code: grpc.StatusCode, message: str
     ) -> NoReturn:
         metrics.STREAMS_REFUSED.labels(code.name.lower()).inc()
+        self._refusals.warn(
+            code, "stream refused for {peer}: {code} {reason}", peer=peer, code=code.name,
+            reason=message,
+        )
         await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
 
@@ -197,7 +223,7 @@ class AggregatorServicer:
             subscription.end()
 
     def generic_handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
-        def book_summary(request_deserializer: Any) -> grpc.RpcMethodHandler:
+        def book_summary(request_deserializer: Callable[[bytes], str]) -> grpc.RpcMethodHandler:
             return grpc.unary_stream_rpc_method_handler(
                 self.BookSummary,
                 request_deserializer=request_deserializer,
@@ -242,8 +268,9 @@ class GrpcServer(Service):
         self.tls = tls
         self.keepalive = keepalive
         self.port: int | None = None
-        self._server: Any = None
+        self._server: grpc.aio.Server | None = None
         self._started: Deferred[None] = succeed(None)
+        self._refused_handshakes = None if tls is None else RefusedHandshakes(servicer.clock)
 
     def startService(self) -> None:
         server = grpc.aio.server(
@@ -262,6 +289,8 @@ class GrpcServer(Service):
             services.append(HEALTH_SERVICE_NAME)
         reflection.enable_server_reflection(services, server)
         port = self._bind(server)
+        if self._refused_handshakes is not None:
+            self._refused_handshakes.start(asyncio.get_event_loop())
         super().startService()
         self._server = server
         self.port = port
@@ -270,11 +299,26 @@ class GrpcServer(Service):
             "gRPC listening on {listen} (port {port}, {security}); aggregator {version}",
             listen=self.listen,
             port=port,
-            security="TLS" if self.tls else "plaintext",
+            security=self._security(),
             version=__version__,
         )
+        self.warn_if_exposed()
 
-    def _bind(self, server: Any) -> int:
+    def warn_if_exposed(self) -> None:
+        if self.tls is None and not is_loopback(split_host_port(self.listen)[0]):
+            self.log.warn(
+                "gRPC on {listen} is reachable beyond this machine in plaintext: anyone who "
+                "can reach it may connect and read it; add --tls-cert/--tls-key "
+                "(and --tls-client-ca to choose who may connect)",
+                listen=self.listen,
+            )
+
+    def _security(self) -> str:
+        if self.tls is None:
+            return "plaintext"
+        return "TLS" if self.tls.client_ca is None else "mutual TLS: client certificates required"
+
+    def _bind(self, server: grpc.aio.Server) -> int:
         try:
             if self.tls is None:
                 port = server.add_insecure_port(self.listen)
@@ -291,7 +335,7 @@ class GrpcServer(Service):
     def whenStarted(self) -> Deferred[None]:
         return self._started
 
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> Deferred[object]:
         super().stopService()
         server, self._server = self._server, None
         if server is None:
@@ -300,6 +344,14 @@ class GrpcServer(Service):
         # clean end rather than a cancel.
         health = self.health.shut_down() if self.health is not None else succeed(None)
         self.servicer.end_streams()
-        return health.addCallback(
+        stopped = health.addCallback(
             lambda _: Deferred.fromFuture(asyncio.ensure_future(server.stop(self.grace)))
         )
+        if self._refused_handshakes is not None:
+            stopped.addBoth(self._stop_watching_handshakes)
+        return stopped
+
+    def _stop_watching_handshakes(self, result: object) -> object:
+        assert self._refused_handshakes is not None
+        self._refused_handshakes.stop()
+        return result

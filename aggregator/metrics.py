@@ -73,3 +73,8 @@ BUFFER_OVERFLOWS = Counter(
     "Updates dropped because the buffering budget was spent (the book resyncs: a gap).",
     ["exchange"],
 )
+TLS_HANDSHAKES_REFUSED = Counter(
+    "aggregator_tls_handshakes_refused",
+    "TLS handshakes on the gRPC port that failed (e.g. no client certificate, or one the "
+    "--tls-client-ca did not sign), as gRPC's own log reports them",
+)

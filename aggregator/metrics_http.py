@@ -18,7 +18,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.http import Request as HTTPRequest
 from twisted.web.server import Request, Site
 
-from aggregator.address import CannotListen, split_host_port
+from aggregator.address import CannotListen, is_loopback, split_host_port
 from aggregator.reactor import installed_reactor
 
 
@@ -94,6 +94,13 @@ class MetricsServer(Service):
         self.log.info(
             "metrics on http://{listen}/metrics (port {port})", listen=self.listen, port=self.port
         )
+        if not is_loopback(host):
+            self.log.warn(
+                "metrics on {listen} are reachable beyond this machine over plain HTTP "
+                "(no TLS, no authentication); bind 127.0.0.1 unless a firewall or proxy "
+                "guards the port",
+                listen=self.listen,
+            )
 
     def stopService(self) -> Deferred[None]:
         super().stopService()

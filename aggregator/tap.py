@@ -7,7 +7,8 @@ imports it only once the subcommand is chosen and -r has been handled.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from aggregator.reactor import install_asyncio_reactor
 
@@ -17,7 +18,7 @@ from twisted.application.service import IServiceCollection, MultiService, Servic
 from twisted.python import usage  # noqa: E402
 
 from aggregator import __version__  # noqa: E402
-from aggregator.address import split_host_port  # noqa: E402
+from aggregator.address import CannotListen, check_can_listen, split_host_port  # noqa: E402
 from aggregator.exchanges import VENUES  # noqa: E402
 from aggregator.exchanges.feed import VenueFeed  # noqa: E402
 from aggregator.grpc_service import (  # noqa: E402
@@ -32,7 +33,10 @@ from aggregator.jsonlog import use_json_log  # noqa: E402
 from aggregator.merger import Merger  # noqa: E402
 from aggregator.metrics_http import MetricsServer  # noqa: E402
 from aggregator.symbols import InvalidSymbol, normalize  # noqa: E402
-from aggregator.tls import BadKeyPair, read_key_pair  # noqa: E402
+from aggregator.tls import BadKeyPair, KeyPair, read_client_ca, read_key_pair  # noqa: E402
+
+if TYPE_CHECKING:
+    from aggregator.simulator import SimulatorService
 
 DEFAULT_URLS = {
     "binance-ws-url": "wss://stream.binance.com:9443",
@@ -41,6 +45,29 @@ DEFAULT_URLS = {
     "bitstamp-rest-url": "https://www.bitstamp.net",
 }
 DEMO_SOURCES = ("synthetic", "recorded", "both")
+COMMAND = "twistd aggregator"
+
+
+class _Coerce(usage.CoerceParameter):
+    """Says which option wanted what: Twisted's own message is "Parameter type
+    enforcement failed: invalid literal for int() with base 10: 'abc'"."""
+
+    _EXPECTED = {int: "a whole number", float: "a number"}
+
+    def dispatch(self, parameterName: str, value: str | None) -> None:
+        try:
+            super().dispatch(parameterName, value)
+        except usage.UsageError:
+            if value is None:
+                raise
+            expected = self._EXPECTED.get(self.coerce, "valid")
+            raise usage.UsageError(
+                f"--{parameterName} must be {expected}, got {value!r}"
+            ) from None
+
+
+class StartupError(usage.UsageError):
+    """Not a mistake in the command line, so no pointer to --help."""
 
 
 class Options(usage.Options):
@@ -79,10 +106,13 @@ class Options(usage.Options):
          "gets RESOURCE_EXHAUSTED.", int],
         ["metrics", None, "",
          "Serve Prometheus metrics at http://host:port/metrics, e.g. 127.0.0.1:9101; "
-         "empty: off."],
+         "a port alone binds loopback (127.0.0.1); empty: off."],
         ["tls-cert", None, None,
          "PEM certificate chain: serve gRPC over TLS (with --tls-key); default plaintext."],
         ["tls-key", None, None, "PEM private key (unencrypted) of --tls-cert."],
+        ["tls-client-ca", None, None,
+         "PEM CA certificate(s): with --tls-cert, only clients presenting a certificate "
+         "signed by one of them may connect (mutual TLS)."],
         ["keepalive", None, 20.0,
          "Seconds between HTTP/2 pings to each client, to notice dead ones.", float],
         ["keepalive-timeout", None, 10.0,
@@ -92,15 +122,34 @@ class Options(usage.Options):
          "(stdout with -n, else --logfile)."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        for name, dispatcher in self._dispatch.items():
+            if isinstance(dispatcher, usage.CoerceParameter):
+                self._dispatch[name] = _Coerce(self, dispatcher.coerce)
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Under twistd, an error is one line on stderr and exit status 1:
+        twistd itself would print the whole help first, burying the error."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            if self.parent is None:  # built directly (tests): the caller decides
+                raise
+            hint = "" if isinstance(error, StartupError) else f" (see {COMMAND} --help)"
+            sys.stderr.write(f"{COMMAND}: error: {error}{hint}\n")
+            raise SystemExit(1) from None
+
     def opt_version(self) -> None:
         """Print the aggregator's version and exit."""
         print(f"aggregator {__version__}")
         sys.exit(0)
 
     def postOptions(self) -> None:
-        host, _, port = self["listen"].rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise usage.UsageError(f"--listen must be host:port, got {self['listen']!r}")
+        try:
+            split_host_port(self["listen"])
+        except ValueError as error:
+            raise usage.UsageError(f"--listen: {error}")
         exchanges = [name.strip().lower() for name in self["exchanges"].split(",") if name.strip()]
         unknown = [name for name in exchanges if name not in VENUES]
         if not exchanges or unknown:
@@ -120,6 +169,10 @@ class Options(usage.Options):
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
+        # Last: once the command line is known to be right. Only twistd binds
+        # (tests build the service directly, on ports of their own).
+        if self.parent is not None:
+            self._check_ports()
 
     def _check_operations(self) -> None:
         try:
@@ -131,19 +184,15 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{option} must be at least 1")
         if len(set(self["symbols"])) > self["max-symbols"]:
             raise usage.UsageError("--symbols lists more symbols than --max-symbols allows")
+        if self["metrics"].isdigit():
+            # Metrics are plain HTTP: only where asked for beyond this machine.
+            self["metrics"] = f"127.0.0.1:{self['metrics']}"
         if self["metrics"]:
             try:
                 split_host_port(self["metrics"])
-            except ValueError:
-                raise usage.UsageError(f"--metrics must be host:port, got {self['metrics']!r}")
-        if (self["tls-cert"] is None) != (self["tls-key"] is None):
-            raise usage.UsageError("--tls-cert and --tls-key go together")
-        self["tls"] = None
-        if self["tls-cert"] is not None:
-            try:
-                self["tls"] = read_key_pair(self["tls-cert"], self["tls-key"])
-            except BadKeyPair as error:
-                raise usage.UsageError(f"TLS: {error}")
+            except ValueError as error:
+                raise usage.UsageError(f"--metrics: {error} (or a port alone)")
+        self["tls"] = self._tls()
         if not (self["keepalive"] > 0 and self["keepalive-timeout"] > 0):
             raise usage.UsageError("--keepalive and --keepalive-timeout must be positive")
         if self["log-format"] not in ("text", "json"):
@@ -155,12 +204,37 @@ class Options(usage.Options):
             except ValueError as error:
                 raise usage.UsageError(f"--log-format: {error}")
 
+    def _tls(self) -> KeyPair | None:
+        if (self["tls-cert"] is None) != (self["tls-key"] is None):
+            raise usage.UsageError("--tls-cert and --tls-key go together")
+        if self["tls-client-ca"] is not None and self["tls-cert"] is None:
+            raise usage.UsageError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self["tls-cert"] is None:
+            return None
+        try:
+            pair = read_key_pair(self["tls-cert"], self["tls-key"])
+            if self["tls-client-ca"] is not None:
+                pair = replace(pair, client_ca=read_client_ca(self["tls-client-ca"]))
+        except BadKeyPair as error:
+            raise usage.UsageError(f"TLS: {error}")
+        return pair
+
+    def _check_ports(self) -> None:
+        ports = [("listen for gRPC", self["listen"])]
+        if self["metrics"]:
+            ports.append(("serve metrics", self["metrics"]))
+        for what, address in ports:
+            try:
+                check_can_listen(what, address)
+            except CannotListen as error:
+                raise StartupError(str(error))
+
 
 class DemoWiring(Service):
     """Points the feeds at the simulator once it listens (its ports are
     ephemeral, so they are known only after it started)."""
 
-    def __init__(self, simulator: Any, feeds: list[VenueFeed]) -> None:
+    def __init__(self, simulator: SimulatorService, feeds: list[VenueFeed]) -> None:
         self.simulator = simulator
         self.feeds = feeds
 

@@ -113,7 +113,7 @@ def test_limit_options_are_checked():
         (["--max-symbols", "1", "--symbols", "ethbtc,btcusdt"], "more symbols than --max-symbols"),
         (["--default-symbol", "eth$btc"], "--default-symbol: malformed symbol"),
         (["--keepalive", "0"], "must be positive"),
-        (["--metrics", "9101"], "--metrics must be host:port"),
+        (["--metrics", "host"], "--metrics: expected host:port"),
         (["--log-format", "xml"], "--log-format must be text or json"),
     ]:
         with pytest.raises(usage.UsageError, match=message):

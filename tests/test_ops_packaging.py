@@ -50,6 +50,10 @@ def test_wheel_installs_the_plugin_the_commands_and_the_dependencies(tmp_path):
                    "_proto/orderbook_pb2", "_proto/orderbook_pb2_grpc"):
         assert f"aggregator/{module}.py" in names
     assert any(name.startswith("aggregator/simulator/fixtures/BINANCE") for name in names)
+    # `aggregator-client --proto` prints it: the API ships with the package.
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("aggregator/_proto/orderbook.proto")
+    assert shipped == (ROOT / "proto" / "orderbook.proto").read_bytes()
 
 
 def test_help_documents_every_option_with_its_default(tmp_path):
