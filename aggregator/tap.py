@@ -39,10 +39,9 @@ if TYPE_CHECKING:
     from aggregator.simulator import SimulatorService
 
 DEFAULT_URLS = {
-    "binance-ws-url": "wss://stream.binance.com:9443",
-    "binance-rest-url": "https://api.binance.com",
-    "bitstamp-ws-url": "wss://ws.bitstamp.net",
-    "bitstamp-rest-url": "https://www.bitstamp.net",
+    f"{name}-{kind}-url": url
+    for name, venue in VENUES.items()
+    for kind, url in (("ws", venue.default_ws_url), ("rest", venue.default_rest_url))
 }
 DEMO_SOURCES = ("synthetic", "recorded", "both")
 COMMAND = "twistd aggregator"
@@ -84,16 +83,14 @@ class Options(usage.Options):
     ]
     optParameters = [
         ["listen", "l", "[::1]:9051", "gRPC listen address, host:port ([::] or 0.0.0.0 for all)."],
-        ["exchanges", "e", "binance,bitstamp", "Comma-separated exchanges to merge."],
+        ["exchanges", "e", ",".join(VENUES), "Comma-separated exchanges to merge."],
         ["depth", "d", 10, "Levels per side in each Summary.", int],
         ["symbols", "s", "", "Comma-separated symbols to subscribe at start and keep."],
-        ["binance-ws-url", None, DEFAULT_URLS["binance-ws-url"],
-         "Binance websocket base; /stream is appended."],
-        ["binance-rest-url", None, DEFAULT_URLS["binance-rest-url"],
-         "Binance REST base; /api/v3/... is appended."],
-        ["bitstamp-ws-url", None, DEFAULT_URLS["bitstamp-ws-url"], "Bitstamp websocket URL."],
-        ["bitstamp-rest-url", None, DEFAULT_URLS["bitstamp-rest-url"],
-         "Bitstamp REST base; /api/v2/... is appended."],
+        *(
+            [f"{name}-{kind}-url", None, DEFAULT_URLS[f"{name}-{kind}-url"], help]
+            for name, venue in VENUES.items()
+            for kind, help in (("ws", venue.ws_url_help), ("rest", venue.rest_url_help))
+        ),
         ["demo-source", None, "both", "With --demo: synthetic, recorded or both."],
         ["demo-seed", None, 1, "With --demo: seed of the synthetic books.", int],
         ["demo-speed", None, 1.0, "With --demo: replay speed multiplier.", float],

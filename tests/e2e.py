@@ -9,6 +9,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
 from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc
+from aggregator.simulator.venues import EXCHANGES
 
 DEPTH = 10
 
@@ -68,12 +69,11 @@ async def start_daemon(sim, *extra, configure=None):
     `configure(daemon)` runs between makeService and startService (tests use it
     to shorten timeouts and backoff)."""
     options = plugin().options()
+    urls = [(f"--{key.replace('_', '-')}", url) for key, url in sim.urls.items()]
     options.parseOptions([
         "--listen", "127.0.0.1:0",
-        "--binance-ws-url", sim.urls["binance_ws_url"],
-        "--binance-rest-url", sim.urls["binance_rest_url"],
-        "--bitstamp-ws-url", sim.urls["bitstamp_ws_url"],
-        "--bitstamp-rest-url", sim.urls["bitstamp_rest_url"],
+        "--exchanges", ",".join(EXCHANGES),
+        *(arg for pair in urls for arg in pair),
         *extra,
     ])
     daemon = plugin().makeService(options)
@@ -87,7 +87,7 @@ async def start_daemon(sim, *extra, configure=None):
 def expected_from_simulator(sim, symbol: str):
     """The reference merge of the simulator's true books for `symbol`."""
     books = {}
-    for exchange in ("binance", "bitstamp"):
+    for exchange in EXCHANGES:
         if symbol in sim.symbols(exchange):
             bids, asks = sim.true_book(exchange, symbol)
             books[exchange] = (dict(bids), dict(asks))

@@ -144,7 +144,8 @@ class FeedHarness:
     REST = "http://rest.test"
 
     def __init__(self, adapter, symbols=("ethbtc",), start_time: float = 0.0, settings=None,
-                 listed=()):
+                 listed=(), document=None):
+        """`document`: the venue's symbol-list reply (default: listing())."""
         from twisted.internet.task import Clock
 
         from aggregator.book import ExchangeBook
@@ -163,7 +164,10 @@ class FeedHarness:
             self.books[symbol] = ExchangeBook(self.feed.name, symbol, self._changed)
             self.feed.watch(self.books[symbol])
         self.feed.startService()
-        load_listing(self.feed, self.http, [*symbols, *listed])
+        if document is None:
+            load_listing(self.feed, self.http, [*symbols, *listed])
+        else:
+            self.http.answer(self.feed.symbol_list.url, document)
         self.connection = self.feed.connections[0]
         self.protocol = FakeProtocol()
         self.connection.connection_opened(self.protocol)

@@ -353,6 +353,10 @@ class BinanceAdapter:
     name = "binance"
     settings = SETTINGS
     symbol_list_weight = float(EXCHANGE_INFO_WEIGHT)
+    default_ws_url = "wss://stream.binance.com:9443"
+    default_rest_url = "https://api.binance.com"
+    ws_url_help = "Binance websocket base; /stream is appended."
+    rest_url_help = "Binance REST base; /api/v3/... is appended."
     log = Logger()
 
     def __init__(self, context: FeedContext) -> None:

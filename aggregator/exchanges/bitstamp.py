@@ -249,6 +249,10 @@ class BitstampAdapter:
     name = "bitstamp"
     settings = SETTINGS
     symbol_list_weight = 1.0
+    default_ws_url = "wss://ws.bitstamp.net"
+    default_rest_url = "https://www.bitstamp.net"
+    ws_url_help = "Bitstamp websocket URL (used as is)."
+    rest_url_help = "Bitstamp REST base; /api/v2/... is appended."
     # Each watched book is checked against REST about this often.
     verify_interval = 300.0
     log = Logger()

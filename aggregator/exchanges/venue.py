@@ -92,6 +92,12 @@ class VenueAdapter(Protocol):
     settings: VenueSettings
     # REST weight of the instrument-list request (Binance: exchangeInfo = 20).
     symbol_list_weight: float
+    # The live venue's endpoints (--<name>-ws-url, --<name>-rest-url) and
+    # what is appended to them, for --help.
+    default_ws_url: str
+    default_rest_url: str
+    ws_url_help: str
+    rest_url_help: str
 
     def connection_url(self, ws_url: str) -> str:
         """The websocket URL to connect to, given the configured base URL."""
@@ -134,7 +140,16 @@ class VenueAdapter(Protocol):
         """The feed stops: cancel every timer and request."""
 
 
-AdapterFactory = Callable[[FeedContext], VenueAdapter]
+class AdapterFactory(Protocol):
+    """A venue adapter class: what the daemon reads of it before making one."""
+
+    name: str
+    default_ws_url: str
+    default_rest_url: str
+    ws_url_help: str
+    rest_url_help: str
+
+    def __call__(self, context: FeedContext) -> VenueAdapter: ...
 
 
 class PendingReplies:
