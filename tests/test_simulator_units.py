@@ -507,9 +507,10 @@ def test_service_arguments():
     with pytest.raises(ValueError):
         SimulatorService(reactor=MemoryReactorClock(), source="live")
     with pytest.raises(ValueError):
-        SimulatorService(reactor=MemoryReactorClock(), ports={"kraken_ws": 1})
+        SimulatorService(reactor=MemoryReactorClock(), ports={"nosuchvenue_ws": 1})
     sim = SimulatorService(reactor=MemoryReactorClock(), source="synthetic")
-    assert sim.symbols("binance") == sim.symbols("bitstamp") == sorted(SYMBOLS)
+    assert sim.symbols("bitstamp") == sorted(SYMBOLS)
+    assert sim.symbols("binance") == sorted(set(SYMBOLS) - {"btcusd"})
     bids, asks = sim.true_book("bitstamp", "btceur")
     assert bids[0][0] < asks[0][0] and len(bids) >= 50
 

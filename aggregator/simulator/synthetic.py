@@ -59,6 +59,7 @@ SPECS: tuple[SymbolSpec, ...] = (
     SymbolSpec("ethusdt", 3000.0, 2, 5, 4, 3.0),
     SymbolSpec("ltcbtc", 0.0015, 6, 1, 3, 25.0),
     SymbolSpec("btceur", 55000.0, 2, 50, 5, 0.25),
+    SymbolSpec("btcusd", 60000.0, 2, 50, 5, 0.25),
 )
 SYMBOLS = tuple(spec.symbol for spec in SPECS)
 
@@ -293,8 +294,12 @@ class SyntheticSource(PlayedSource):
         for spec in SPECS:
             if spec.symbol not in symbols:
                 continue
-            walk = FairValueWalk(seed, spec, len(venues))
-            for consumer, venue in enumerate(venues):
+            listing = [
+                venue for venue in venues
+                if venue.synthetic_symbols is None or spec.symbol in venue.synthetic_symbols
+            ]
+            walk = FairValueWalk(seed, spec, len(listing))
+            for consumer, venue in enumerate(listing):
                 exchange = venue.name
                 maker = SyntheticBookMaker(seed, venue, spec, walk, consumer)
                 bids, asks = maker.levels()

@@ -113,6 +113,9 @@ class Venue(ABC):
     close_reasons: ClassVar[tuple[tuple[int, str], ...]]
     # Whether the venue can ask its clients to reconnect (the request_reconnect fault).
     asks_reconnect: ClassVar[bool] = False
+    # The synthetic symbols (synthetic.SYMBOLS) the venue lists; None: all of
+    # them. Venues listing one symbol quote around one shared fair value.
+    synthetic_symbols: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, setup: VenueSetup) -> None:
         self.markets = setup.markets

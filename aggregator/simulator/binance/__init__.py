@@ -54,6 +54,7 @@ class BinanceVenue(Venue):
     scale_share = 1.0
     synthetic_half_spread = 0.6
     close_reasons = ((1001, REASON_24H), (1008, REASON_PONG_TIMEOUT))
+    synthetic_symbols = frozenset({"ethbtc", "btcusdt", "ethusdt", "ltcbtc", "btceur"})
 
     def build(self, setup: VenueSetup) -> Servers:
         limits = setup.limits
