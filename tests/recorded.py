@@ -1,4 +1,4 @@
-"""Reading the recorded cryptofeed fixtures (grammar: shared/PROTOCOLS.md §3.2)."""
+"""Reading the recorded cryptofeed fixtures (grammar: docs/PROTOCOLS.md §3.2)."""
 
 from __future__ import annotations
 
