@@ -296,6 +296,10 @@ def format_json(summary: orderbook_pb2.Summary, symbol: str) -> str:
 # _positive_int value: 'abc'"): these say what was expected instead.
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -355,6 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="daemon address, an IPv6 address in brackets "
         "(default: $GRPC_ADDR, else %(default)s)",
+    )
+    parser.add_argument(
+        "--exchanges",
+        type=_names,
+        default=(),
+        metavar="NAME,...",
+        help="merge only these exchanges' books, e.g. binance,kraken (default: all the "
+        "daemon's)",
+    )
+    parser.add_argument(
+        "--depth",
+        type=_positive_int,
+        default=0,
+        metavar="N",
+        help="levels per side, at most the daemon's --depth (default: the daemon's --depth)",
     )
     parser.add_argument(
         "--json",
@@ -551,7 +570,9 @@ def _watch(
     with _channel(args) as channel:
         ready = grpc.channel_ready_future(channel)
         stub = orderbook_pb2_grpc.AggregatorStub(channel)
-        request = orderbook_pb2.Request(symbol=args.symbol)
+        request = orderbook_pb2.Request(
+            symbol=args.symbol, exchanges=args.exchanges, depth=args.depth
+        )
         try:
             ready.result(timeout=args.timeout)
         except grpc.FutureTimeoutError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, NoReturn, cast
+from typing import AsyncIterator, Callable, NamedTuple, NoReturn, cast
 
 import grpc
 from grpc_reflection.v1alpha import reflection
@@ -29,6 +29,7 @@ from aggregator.address import CannotListen, is_loopback, split_host_port
 from aggregator.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from aggregator.health import Health
 from aggregator.merger import (
+    InvalidView,
     Merger,
     Subscription,
     SymbolListsUnavailable,
@@ -44,7 +45,22 @@ SERVICE_NAME = _SERVICES["Aggregator"].full_name
 COMPAT_SERVICE_NAME = _SERVICES["OrderbookAggregator"].full_name
 API_SERVICES = (SERVICE_NAME, COMPAT_SERVICE_NAME)
 
+class StreamRequest(NamedTuple):
+    """What a BookSummary stream asks for (orderbook.Request; the compatibility
+    API's Empty asks for --default-symbol)."""
+
+    symbol: str
+    exchanges: tuple[str, ...]
+    depth: int
+
+    @classmethod
+    def decode(cls, data: bytes) -> StreamRequest:
+        request = orderbook_pb2.Request.FromString(data)
+        return cls(request.symbol, tuple(request.exchanges), request.depth)
+
+
 _REFUSALS = {
+    InvalidView: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownSymbol: grpc.StatusCode.NOT_FOUND,
     TooManySymbols: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SymbolListsUnavailable: grpc.StatusCode.UNAVAILABLE,
@@ -123,14 +139,14 @@ class AggregatorServicer:
         self.symbol_lists_wait_until = clock.seconds() + symbol_list_wait
         self.default_symbol = default_symbol
         self.limits = limits
-        self.clock = clock  # the clock metrics.FRAME_CLOCK is marked with
+        self.clock = clock  # the clock frame arrivals are marked with
         self.streams = 0  # admitted, including those still waiting for a subscription
         self.subscriptions: set[Subscription] = set()
         # A client retrying in a loop must not flood the log.
         self._refusals = ThrottledLog(self.log, clock)
 
     async def BookSummary(
-        self, raw_symbol: str, context: grpc.aio.ServicerContext
+        self, request: StreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         # Read now: context.peer() on a finished call crashes the process (grpcio 1.85).
         peer = format_peer(context.peer())
@@ -147,10 +163,10 @@ class AggregatorServicer:
         subscription = None
         try:
             try:
-                symbol = normalize(raw_symbol)
+                symbol = normalize(request.symbol)
             except InvalidSymbol as error:
                 await self._refuse(context, peer, grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            subscription = await self._subscribe(symbol, context, peer)
+            subscription = await self._subscribe(symbol, request, context, peer)
             self.subscriptions.add(subscription)
             self.log.info("stream opened: {symbol} for {peer}", symbol=symbol, peer=peer)
             loop = asyncio.get_running_loop()
@@ -177,19 +193,21 @@ class AggregatorServicer:
     def _count_sent(self, arrival: float | None) -> None:
         metrics.SUMMARIES_SENT.inc()
         if arrival is not None:
-            # Clamped: the reactor's clock is the wall clock (see FrameClock).
+            # Clamped: the reactor's clock is the wall clock, which may step back.
             metrics.UPDATE_LATENCY.observe(max(0.0, self.clock.seconds() - arrival))
 
     async def _subscribe(
-        self, symbol: str, context: grpc.aio.ServicerContext, peer: str
+        self, symbol: str, request: StreamRequest, context: grpc.aio.ServicerContext, peer: str
     ) -> Subscription:
         try:
-            return self.merger.subscribe(symbol, self.limits.max_symbols)
+            return self.merger.subscribe(
+                symbol, self.limits.max_symbols, request.exchanges, request.depth
+            )
         except SymbolListsUnavailable as error:
             wait = self.symbol_lists_wait_until - self.clock.seconds()
             if wait <= 0:
                 await self._refuse(context, peer, grpc.StatusCode.UNAVAILABLE, str(error))
-        except (UnknownSymbol, TooManySymbols) as error:
+        except (UnknownSymbol, TooManySymbols, InvalidView) as error:
             await self._refuse(context, peer, _REFUSALS[type(error)], str(error))
         # Just started: wait a little for the exchanges' symbol lists.
         loaded = self.merger.when_symbol_lists_loaded()
@@ -199,8 +217,10 @@ class AggregatorServicer:
         except asyncio.TimeoutError:
             pass
         try:
-            return self.merger.subscribe(symbol, self.limits.max_symbols)
-        except (UnknownSymbol, TooManySymbols, SymbolListsUnavailable) as error:
+            return self.merger.subscribe(
+                symbol, self.limits.max_symbols, request.exchanges, request.depth
+            )
+        except (UnknownSymbol, TooManySymbols, SymbolListsUnavailable, InvalidView) as error:
             await self._refuse(context, peer, _REFUSALS[type(error)], str(error))
 
     async def _refuse(
@@ -214,16 +234,18 @@ class AggregatorServicer:
         await context.abort(code, message)
         raise AssertionError("unreachable: context.abort raises")
 
-    def _default_symbol(self, request: bytes) -> str:
+    def _default_request(self, request: bytes) -> StreamRequest:
         orderbook_pb2.Empty.FromString(request)  # still a malformed request if not an Empty
-        return self.default_symbol
+        return StreamRequest(self.default_symbol, (), 0)
 
     def end_streams(self) -> None:
         for subscription in list(self.subscriptions):
             subscription.end()
 
     def generic_handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
-        def book_summary(request_deserializer: Callable[[bytes], str]) -> grpc.RpcMethodHandler:
+        def book_summary(
+            request_deserializer: Callable[[bytes], StreamRequest]
+        ) -> grpc.RpcMethodHandler:
             return grpc.unary_stream_rpc_method_handler(
                 self.BookSummary,
                 request_deserializer=request_deserializer,
@@ -233,10 +255,10 @@ class AggregatorServicer:
         return (
             grpc.method_handlers_generic_handler(
                 SERVICE_NAME,
-                {"BookSummary": book_summary(lambda data: orderbook_pb2.Request.FromString(data).symbol)},
+                {"BookSummary": book_summary(StreamRequest.decode)},
             ),
             grpc.method_handlers_generic_handler(
-                COMPAT_SERVICE_NAME, {"BookSummary": book_summary(self._default_symbol)}
+                COMPAT_SERVICE_NAME, {"BookSummary": book_summary(self._default_request)}
             ),
         )
 

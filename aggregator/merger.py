@@ -39,6 +39,14 @@ class SymbolListsUnavailable(RuntimeError):
     """Some exchanges' symbol lists are not loaded yet, and none loaded lists it."""
 
 
+class InvalidView(ValueError):
+    """A stream asked for an unknown or disabled exchange, or more levels than served."""
+
+
+ViewKey = tuple["frozenset[str] | None", int]
+"""(the exchanges a stream merges, None for all; its levels per side)."""
+
+
 class Feed(Protocol):
     """What the merger needs from an exchange feed."""
 
@@ -124,15 +132,18 @@ def _wall_clock_us() -> int:
 
 
 class Subscription:
-    """One client's view of one symbol: a single slot, latest Summary wins.
+    """One client's stream of one symbol's view: a single slot, latest Summary wins.
 
     However slow the client, it holds at most one pending Summary: a newer one
     overwrites it (conflation), so memory per client is constant and a slow
     reader never delays the others.
     """
 
-    def __init__(self, symbol: str, release: Callable[[Subscription], None]) -> None:
+    def __init__(
+        self, symbol: str, release: Callable[[Subscription], None], view: ViewKey = (None, 0)
+    ) -> None:
         self.symbol = symbol
+        self.view = view
         self.delivered = 0
         self.conflated = 0
         # Arrival (reactor time) of the frame behind the Summary that next()
@@ -199,13 +210,16 @@ class Subscription:
         waiter.errback(CancelledError())
 
 
-class _SymbolState:
-    __slots__ = ("books", "subscriptions", "refs", "published", "shown", "published_at", "summary")
+class _View:
+    """What the streams of one (symbol, exchanges, depth) share: the merged
+    levels last published and their bytes, serialized once per change."""
 
-    def __init__(self) -> None:
-        self.books: dict[str, ExchangeBook] = {}
+    __slots__ = ("exchanges", "depth", "subscriptions", "published", "shown", "published_at", "summary")
+
+    def __init__(self, exchanges: frozenset[str] | None, depth: int) -> None:
+        self.exchanges = exchanges
+        self.depth = depth
         self.subscriptions: set[Subscription] = set()
-        self.refs = 0
         self.published: tuple[list[MergedLevel], list[MergedLevel]] = ([], [])
         # The exchanges' states as `summary` shows them.
         self.shown: tuple[ExchangeStatus, ...] = ()
@@ -219,10 +233,40 @@ class _SymbolState:
             self.summary = serialize_summary(*self.published, self.shown, self.published_at)
         return self.summary
 
-    def statuses(self) -> tuple[ExchangeStatus, ...]:
+    def shows(self, exchange: str) -> bool:
+        return self.exchanges is None or exchange in self.exchanges
+
+    def statuses(self, books: dict[str, ExchangeBook]) -> tuple[ExchangeStatus, ...]:
         return tuple(
-            (name, book.state, book.reason) for name, book in sorted(self.books.items())
+            (name, book.state, book.reason)
+            for name, book in sorted(books.items())
+            if self.shows(name)
         )
+
+    def merge(self, books: Iterable[ExchangeBook]) -> tuple[list[MergedLevel], list[MergedLevel]]:
+        # The books' tops hold --depth levels, at least this view's depth:
+        # merge_top cuts the merged result, not each book's part of it.
+        exchanges = self.exchanges
+        tops = []
+        for book in books:
+            top = book.merged_top
+            if top is not None and (exchanges is None or book.exchange in exchanges):
+                tops.append((book.exchange, top[0], top[1]))
+        return merge_top(tops, self.depth)
+
+
+class _SymbolState:
+    __slots__ = ("books", "refs", "views")
+
+    def __init__(self, default_view: ViewKey) -> None:
+        self.books: dict[str, ExchangeBook] = {}
+        self.refs = 0
+        # The daemon's own view (every exchange, --depth) always exists: it
+        # is what current_summary() answers; the others live while streamed.
+        self.views = {default_view: _View(*default_view)}
+
+    def subscriptions(self) -> list[Subscription]:
+        return [s for view in self.views.values() for s in view.subscriptions]
 
 
 class Merger(Service):
@@ -250,7 +294,7 @@ class Merger(Service):
     def stopService(self) -> None:
         super().stopService()
         for state in self._symbols.values():
-            for subscription in list(state.subscriptions):
+            for subscription in state.subscriptions():
                 subscription.end()
 
     # -- demand -------------------------------------------------------------
@@ -291,7 +335,7 @@ class Merger(Service):
         self.listing_feeds(symbol)
         state = self._symbols.get(symbol)
         if state is None:
-            state = self._symbols[symbol] = _SymbolState()
+            state = self._symbols[symbol] = _SymbolState((None, self.depth))
         state.refs += 1
         if state.refs == 1:
             for feed in self.feeds.values():
@@ -308,12 +352,46 @@ class Merger(Service):
             self.feeds[exchange].unwatch(symbol)
             book.discard()
 
-    def subscribe(self, symbol: str, max_symbols: int | None = None) -> Subscription:
-        """A subscriber to `symbol`, already holding the current Summary.
+    def view_key(
+        self, symbol: str, exchanges: Iterable[str] = (), depth: int = 0
+    ) -> ViewKey:
+        """The view a stream asks for, normalised so that streams asking for
+        the same thing share it. Raises InvalidView, or UnknownSymbol when
+        none of the asked exchanges lists the symbol."""
+        if depth < 0 or depth > self.depth:
+            raise InvalidView(
+                f"depth {depth} is more than this daemon serves (--depth {self.depth})"
+            )
+        wanted = frozenset(name.strip().lower() for name in exchanges)
+        unknown = sorted(wanted - set(self.feeds))
+        if unknown:
+            raise InvalidView(
+                f"unknown or disabled exchange {', '.join(map(repr, unknown))}; "
+                f"enabled: {', '.join(self.feeds)}"
+            )
+        if wanted:
+            listing = {feed.name for feed in self.listing_feeds(symbol)}
+            if not wanted & listing:
+                raise UnknownSymbol(
+                    f"symbol {symbol!r} is not listed by {', '.join(sorted(wanted))}"
+                )
+        return (wanted if wanted and wanted != set(self.feeds) else None, depth or self.depth)
+
+    def subscribe(
+        self,
+        symbol: str,
+        max_symbols: int | None = None,
+        exchanges: Iterable[str] = (),
+        depth: int = 0,
+    ) -> Subscription:
+        """A subscriber to `symbol` (only `exchanges`, if given; `depth`
+        levels, 0 for --depth), already holding the current Summary.
 
         Raises TooManySymbols if `symbol` has no demand yet and `max_symbols`
-        symbols already have some (a subscriber or --symbols).
+        symbols already have some (a subscriber or --symbols); InvalidView or
+        UnknownSymbol for a view that cannot be served (view_key).
         """
+        key = self.view_key(symbol, exchanges, depth)
         if max_symbols is not None and symbol not in self._symbols:
             if len(self._symbols) >= max_symbols:
                 raise TooManySymbols(
@@ -322,17 +400,25 @@ class Merger(Service):
                 )
         self.hold(symbol)
         state = self._symbols[symbol]
-        if state.statuses() != state.shown:
+        view = state.views.get(key)
+        if view is None:
+            view = state.views[key] = _View(*key)
+            self._publish(view, view.merge(state.books.values()), state.books, None)
+        elif view.statuses(state.books) != view.shown:
             # A state change that moves no level publishes nothing (see
             # _book_changed); a new subscriber still gets the states as they are.
-            self._publish(state, state.published, None)
-        subscription = Subscription(symbol, self._unsubscribe)
-        state.subscriptions.add(subscription)
-        subscription.offer(state.serialized())
+            self._publish(view, view.published, state.books, None)
+        subscription = Subscription(symbol, self._unsubscribe, key)
+        view.subscriptions.add(subscription)
+        subscription.offer(view.serialized())
         return subscription
 
     def _unsubscribe(self, subscription: Subscription) -> None:
-        self._symbols[subscription.symbol].subscriptions.discard(subscription)
+        state = self._symbols[subscription.symbol]
+        view = state.views[subscription.view]
+        view.subscriptions.discard(subscription)
+        if not view.subscriptions and subscription.view != (None, self.depth):
+            del state.views[subscription.view]
         self.release(subscription.symbol)
 
     def _feed_ready_after(self, feed: Feed, _: object) -> None:
@@ -369,7 +455,7 @@ class Merger(Service):
 
     def current_summary(self, symbol: str) -> bytes | None:
         state = self._symbols.get(symbol)
-        return state.serialized() if state else None
+        return state.views[(None, self.depth)].serialized() if state else None
 
     def _book_changed(self, changed: ExchangeBook, arrival: float | None) -> None:
         """A book committed a change: `arrival` is its frame's arrival (or None)."""
@@ -381,34 +467,30 @@ class Merger(Service):
         if top == changed.merged_top:
             return  # the change is below this book's top N (or it stays withheld)
         changed.merged_top = top
-        merged = merge_top(
-            (
-                (exchange_book.exchange, *exchange_book.merged_top)
-                for exchange_book in state.books.values()
-                if exchange_book.merged_top is not None
-            ),
-            self.depth,
-        )
-        # Only the levels decide: the exchanges' states and the time ride along.
-        if merged == state.published:
-            return
-        self._publish(state, merged, arrival)
+        for view in state.views.values():
+            if not view.shows(changed.exchange):
+                continue
+            merged = view.merge(state.books.values())
+            # Only the levels decide: the exchanges' states and the time ride along.
+            if merged != view.published:
+                self._publish(view, merged, state.books, arrival)
 
     def _publish(
         self,
-        state: _SymbolState,
+        view: _View,
         merged: tuple[list[MergedLevel], list[MergedLevel]],
+        books: dict[str, ExchangeBook],
         arrival: float | None,
     ) -> None:
-        state.published = merged
-        state.shown = state.statuses()
-        state.published_at = _wall_clock_us()
-        state.summary = None
-        if not state.subscriptions:
+        view.published = merged
+        view.shown = view.statuses(books)
+        view.published_at = _wall_clock_us()
+        view.summary = None
+        if not view.subscriptions:
             return
-        summary = state.serialized()
+        summary = view.serialized()
         conflated = 0
-        for subscription in state.subscriptions:
+        for subscription in view.subscriptions:
             conflated += subscription.offer(summary, arrival)
         if conflated:
             metrics.SUMMARIES_CONFLATED.inc(conflated)  # once: the counter takes a lock

@@ -224,6 +224,11 @@ ABORTS = {
 
 class FakeAggregator(orderbook_pb2_grpc.AggregatorServicer):
     def BookSummary(self, request: orderbook_pb2.Request, context: grpc.ServicerContext) -> Iterator[Summary]:
+        if request.symbol == "echo":
+            # Says what the client asked for, in the reason of a fake exchange state.
+            asked = f"{','.join(request.exchanges)}/{request.depth}"
+            yield Summary(exchanges=[orderbook_pb2.ExchangeState(exchange="x", reason=asked)])
+            return
         if request.symbol in ABORTS:
             context.abort(*ABORTS[request.symbol])
         if request.symbol == "flaky":
@@ -273,6 +278,15 @@ def test_json_stream(addr: str) -> None:
          "asks": [{"exchange": "binance", "price": 0.0341, "amount": 3.0}],
          "exchanges": [], "timestamp_us": None},
     ]
+
+
+def test_exchanges_and_depth_are_sent_with_the_request(addr: str) -> None:
+    code, out, _ = run("echo", "--addr", addr, "--json", "--count", "1",
+                       "--exchanges", "Binance, kraken", "--depth", "5")
+    assert code == 0
+    assert json.loads(out)["exchanges"][0]["reason"] == "binance,kraken/5"
+    code, out, _ = run("echo", "--addr", addr, "--json", "--count", "1")
+    assert json.loads(out)["exchanges"][0]["reason"] == "/0"  # the daemon's defaults
 
 
 def test_count_stops_early(addr: str) -> None:

@@ -143,3 +143,38 @@ def test_port_in_use_is_a_clear_error(server, merger):
     with pytest.raises(CannotListen, match=f"127.0.0.1:{server.port}"):
         second.startService()
     assert not second.running
+
+
+@pytest_twisted.ensureDeferred
+async def test_request_exchanges_and_depth_choose_the_stream(server, merger):
+    channel, stub = stub_for(server)
+
+    async def scenario():
+        only_bitstamp = stub.BookSummary(orderbook_pb2.Request(symbol="ethbtc", exchanges=["bitstamp"]))
+        top_one = stub.BookSummary(orderbook_pb2.Request(symbol="ethbtc", depth=1))
+        await within(only_bitstamp.read(), 5)
+        await within(top_one.read(), 5)
+        publish(merger.feeds["bitstamp"].books["ethbtc"], [(0.05, 1.0), (0.04, 1.0)], [(0.06, 1.0)])
+        summary = await within(only_bitstamp.read(), 5)
+        assert [(l.exchange, l.price) for l in summary.bids] == [("bitstamp", 0.05), ("bitstamp", 0.04)]
+        assert [s.exchange for s in summary.exchanges] == ["bitstamp"]
+        summary = await within(top_one.read(), 5)
+        assert [(l.exchange, l.price) for l in summary.bids] == [("bitstamp", 0.05)]
+        only_bitstamp.cancel()
+        top_one.cancel()
+
+        async def status_of(request):
+            call = stub.BookSummary(request)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await within(call.read(), 5)
+            return caught.value.code(), caught.value.details()
+
+        code, details = await status_of(orderbook_pb2.Request(symbol="ethbtc", exchanges=["nosuch"]))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "'nosuch'" in details
+        code, details = await status_of(orderbook_pb2.Request(symbol="ethbtc", depth=11))
+        assert code is grpc.StatusCode.INVALID_ARGUMENT and "--depth 10" in details
+        code, details = await status_of(orderbook_pb2.Request(symbol="btcusdt", exchanges=["bitstamp"]))
+        assert code is grpc.StatusCode.NOT_FOUND and "bitstamp" in details
+        await channel.close()
+
+    await aio(scenario())

@@ -233,3 +233,63 @@ def test_merge_top_matches_a_plain_sort_of_all_levels(seed):
     bids = sorted(((n, p, a) for n, b, _ in tops for p, a in b), key=lambda l: (-l[1], -l[2], l[0]))
     asks = sorted(((n, p, a) for n, _, s in tops for p, a in s), key=lambda l: (l[1], -l[2], l[0]))
     assert merge_top(tops, 10) == (bids[:10], asks[:10])
+
+
+# -- per-stream views: Request.exchanges and Request.depth ---------------------------
+
+
+def test_a_view_of_some_exchanges_shows_only_their_levels_and_states(merger, feeds):
+    binance, bitstamp = feeds
+    everything = merger.subscribe("ethbtc")
+    only_bitstamp = merger.subscribe("ethbtc", exchanges=["BITSTAMP"])
+    next_summary(everything), next_summary(only_bitstamp)
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(11.0, 1.0)])
+    assert levels(next_summary(everything), "bids") == [("binance", 10.0, 1.0)]
+    assert only_bitstamp.take() is None  # a binance change is nothing to this view
+    publish(bitstamp.books["ethbtc"], [(9.0, 1.0)], [(12.0, 1.0)])
+    summary = next_summary(only_bitstamp)
+    assert levels(summary, "bids") == [("bitstamp", 9.0, 1.0)]
+    assert [state.exchange for state in summary.exchanges] == ["bitstamp"]
+    assert len(next_summary(everything).exchanges) == 2
+
+
+def test_a_shallower_view_cuts_the_merge_and_equal_views_share_bytes(merger, feeds):
+    binance, _ = feeds
+    deep = merger.subscribe("ethbtc")
+    shallow = merger.subscribe("ethbtc", depth=1)
+    also_shallow = merger.subscribe("ethbtc", depth=1, exchanges=["binance", "bitstamp"])
+    for subscription in (deep, shallow, also_shallow):
+        subscription.take()
+    publish(binance.books["ethbtc"], [(10.0, 1.0), (9.0, 1.0)], [(11.0, 1.0), (12.0, 1.0)])
+    assert len(next_summary(deep).bids) == 2
+    first, second = shallow.take(), also_shallow.take()
+    assert first is second  # one serialization for both (all exchanges == no filter)
+    assert levels(summary_of(first), "bids") == [("binance", 10.0, 1.0)]
+    # A change below the shallow view's top sends it nothing.
+    binance.books["ethbtc"].book.apply([(9.0, 5.0)], [])
+    binance.books["ethbtc"].commit(None)
+    assert next_summary(deep).bids[1].amount == 5.0
+    assert shallow.take() is None
+
+
+def test_views_refuse_unknown_exchanges_too_deep_and_unlisted(merger):
+    from aggregator.merger import InvalidView
+
+    with pytest.raises(InvalidView, match="kraken"):
+        merger.subscribe("ethbtc", exchanges=["kraken"])
+    with pytest.raises(InvalidView, match="--depth 3"):
+        merger.subscribe("ethbtc", depth=4)
+    with pytest.raises(UnknownSymbol, match="bitstamp"):
+        merger.subscribe("btcusdt", exchanges=["bitstamp"])
+    assert merger.books("ethbtc") == {}  # nothing held by a refused stream
+
+
+def test_a_view_is_dropped_with_its_last_stream(merger):
+    only = merger.subscribe("ethbtc", exchanges=["binance"])
+    keeper = merger.subscribe("ethbtc")
+    state = merger._symbols["ethbtc"]
+    assert len(state.views) == 2
+    only.close()
+    assert len(state.views) == 1
+    keeper.close()
+    assert "ethbtc" not in merger._symbols

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aggregator/_proto/orderbook.proto\x12\torderbook\"\x07\n\x05\x45mpty\"\x19\n\x07Request\x12\x0e\n\x06symbol\x18\x01 \x01(\t\"\x9c\x01\n\x07Summary\x12\x0e\n\x06spread\x18\x01 \x01(\x01\x12\x1e\n\x04\x62ids\x18\x02 \x03(\x0b\x32\x10.orderbook.Level\x12\x1e\n\x04\x61sks\x18\x03 \x03(\x0b\x32\x10.orderbook.Level\x12+\n\texchanges\x18\x04 \x03(\x0b\x32\x18.orderbook.ExchangeState\x12\x14\n\x0ctimestamp_us\x18\x05 \x01(\x03\"8\n\x05Level\x12\x10\n\x08\x65xchange\x18\x01 \x01(\t\x12\r\n\x05price\x18\x02 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x01\"\xa2\x01\n\rExchangeState\x12\x10\n\x08\x65xchange\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.orderbook.ExchangeState.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"@\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SYNCING\x10\x01\x12\x08\n\x04LIVE\x10\x02\x12\t\n\x05STALE\x10\x03\x32\x45\n\nAggregator\x12\x37\n\x0b\x42ookSummary\x12\x12.orderbook.Request\x1a\x12.orderbook.Summary0\x01\x32L\n\x13OrderbookAggregator\x12\x35\n\x0b\x42ookSummary\x12\x10.orderbook.Empty\x1a\x12.orderbook.Summary0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!aggregator/_proto/orderbook.proto\x12\torderbook\"\x07\n\x05\x45mpty\";\n\x07Request\x12\x0e\n\x06symbol\x18\x01 \x01(\t\x12\x11\n\texchanges\x18\x02 \x03(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\r\"\x9c\x01\n\x07Summary\x12\x0e\n\x06spread\x18\x01 \x01(\x01\x12\x1e\n\x04\x62ids\x18\x02 \x03(\x0b\x32\x10.orderbook.Level\x12\x1e\n\x04\x61sks\x18\x03 \x03(\x0b\x32\x10.orderbook.Level\x12+\n\texchanges\x18\x04 \x03(\x0b\x32\x18.orderbook.ExchangeState\x12\x14\n\x0ctimestamp_us\x18\x05 \x01(\x03\"8\n\x05Level\x12\x10\n\x08\x65xchange\x18\x01 \x01(\t\x12\r\n\x05price\x18\x02 \x01(\x01\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x01\"\xa2\x01\n\rExchangeState\x12\x10\n\x08\x65xchange\x18\x01 \x01(\t\x12-\n\x05state\x18\x02 \x01(\x0e\x32\x1e.orderbook.ExchangeState.State\x12\x0e\n\x06reason\x18\x03 \x01(\t\"@\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07SYNCING\x10\x01\x12\x08\n\x04LIVE\x10\x02\x12\t\n\x05STALE\x10\x03\x32\x45\n\nAggregator\x12\x37\n\x0b\x42ookSummary\x12\x12.orderbook.Request\x1a\x12.orderbook.Summary0\x01\x32L\n\x13OrderbookAggregator\x12\x35\n\x0b\x42ookSummary\x12\x10.orderbook.Empty\x1a\x12.orderbook.Summary0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMPTY']._serialized_start=48
   _globals['_EMPTY']._serialized_end=55
   _globals['_REQUEST']._serialized_start=57
-  _globals['_REQUEST']._serialized_end=82
-  _globals['_SUMMARY']._serialized_start=85
-  _globals['_SUMMARY']._serialized_end=241
-  _globals['_LEVEL']._serialized_start=243
-  _globals['_LEVEL']._serialized_end=299
-  _globals['_EXCHANGESTATE']._serialized_start=302
-  _globals['_EXCHANGESTATE']._serialized_end=464
-  _globals['_EXCHANGESTATE_STATE']._serialized_start=400
-  _globals['_EXCHANGESTATE_STATE']._serialized_end=464
-  _globals['_AGGREGATOR']._serialized_start=466
-  _globals['_AGGREGATOR']._serialized_end=535
-  _globals['_ORDERBOOKAGGREGATOR']._serialized_start=537
-  _globals['_ORDERBOOKAGGREGATOR']._serialized_end=613
+  _globals['_REQUEST']._serialized_end=116
+  _globals['_SUMMARY']._serialized_start=119
+  _globals['_SUMMARY']._serialized_end=275
+  _globals['_LEVEL']._serialized_start=277
+  _globals['_LEVEL']._serialized_end=333
+  _globals['_EXCHANGESTATE']._serialized_start=336
+  _globals['_EXCHANGESTATE']._serialized_end=498
+  _globals['_EXCHANGESTATE_STATE']._serialized_start=434
+  _globals['_EXCHANGESTATE_STATE']._serialized_end=498
+  _globals['_AGGREGATOR']._serialized_start=500
+  _globals['_AGGREGATOR']._serialized_end=569
+  _globals['_ORDERBOOKAGGREGATOR']._serialized_start=571
+  _globals['_ORDERBOOKAGGREGATOR']._serialized_end=647
 # @@protoc_insertion_point(module_scope)

@@ -12,10 +12,14 @@ class Empty(_message.Message):
     def __init__(self) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("symbol",)
+    __slots__ = ("symbol", "exchanges", "depth")
     SYMBOL_FIELD_NUMBER: _ClassVar[int]
+    EXCHANGES_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
     symbol: str
-    def __init__(self, symbol: _Optional[str] = ...) -> None: ...
+    exchanges: _containers.RepeatedScalarFieldContainer[str]
+    depth: int
+    def __init__(self, symbol: _Optional[str] = ..., exchanges: _Optional[_Iterable[str]] = ..., depth: _Optional[int] = ...) -> None: ...
 
 class Summary(_message.Message):
     __slots__ = ("spread", "bids", "asks", "exchanges", "timestamp_us")
