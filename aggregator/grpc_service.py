@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, NoReturn
+from typing import Any, AsyncIterator, NoReturn, Protocol
 
 import grpc
 from grpc_reflection.v1alpha import reflection
@@ -27,7 +27,6 @@ from aggregator.address import CannotListen
 from aggregator.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from aggregator.health import Health
 from aggregator.merger import (
-    Merger,
     Subscription,
     SymbolListsUnavailable,
     TooManySymbols,
@@ -91,12 +90,22 @@ class Keepalive:
         ]
 
 
+class SummarySource(Protocol):
+    """Where the servicer gets Summaries: the Merger, or an edge's NATS source
+    (aggregator/nats/edge.py). subscribe() raises UnknownSymbol,
+    TooManySymbols or SymbolListsUnavailable."""
+
+    def subscribe(self, symbol: str, max_symbols: int | None = None) -> Subscription: ...
+
+    def when_symbol_lists_loaded(self) -> Deferred: ...
+
+
 class AggregatorServicer:
     log = Logger()
 
     def __init__(
         self,
-        merger: Merger,
+        merger: SummarySource,
         symbol_list_wait: float = 5.0,
         default_symbol: str = "ethbtc",
         limits: Limits = Limits(),

@@ -31,6 +31,7 @@ from aggregator.health import Health  # noqa: E402
 from aggregator.jsonlog import use_json_log  # noqa: E402
 from aggregator.merger import Merger  # noqa: E402
 from aggregator.metrics_http import MetricsServer  # noqa: E402
+from aggregator.nats.options import NATS_PARAMETERS, check_nats_options  # noqa: E402
 from aggregator.symbols import InvalidSymbol, normalize  # noqa: E402
 from aggregator.tls import BadKeyPair, read_key_pair  # noqa: E402
 
@@ -90,6 +91,7 @@ class Options(usage.Options):
         ["log-format", None, "text",
          "text, or json: one JSON object per line, where twistd logs "
          "(stdout with -n, else --logfile)."],
+        *NATS_PARAMETERS,  # scaling out (aggregator/nats/options.py)
     ]
 
     def opt_version(self) -> None:
@@ -120,6 +122,7 @@ class Options(usage.Options):
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
+        check_nats_options(self)
 
     def _check_operations(self) -> None:
         try:
@@ -176,6 +179,10 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     the streams first, the simulator (if any) goes last."""
     if reactor is None:
         from twisted.internet import reactor
+    if options["nats-config"] is not None:
+        from aggregator.nats.wiring import make_scaled_service
+
+        return make_scaled_service(options, options["nats-config"], reactor)
     root = MultiService()
     if options["metrics"]:
         # First to start, last to stop: the metrics cover the whole run.
