@@ -3,6 +3,7 @@ free loopback port and a temporary store, for the NATS tests."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -66,6 +67,4 @@ class NatsServer:
         """User + system CPU the server used so far (Linux /proc)."""
         assert self.process is not None
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        import os
-
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -74,6 +74,7 @@ class Edge(Service):
     """The Summary source of an edge's AggregatorServicer, and its health feed."""
 
     log = Logger()
+    name: str = "edge"  # the feed name health reports ("up: edge")
 
     def __init__(self, bus: Bus, clock: Any) -> None:
         self.bus = bus
@@ -183,14 +184,14 @@ class Edge(Service):
         for name, value in await read_bucket(self.bus.catalog):
             self._catalog_written(name, value)
         for listener in list(self._listeners):
-            listener(self.name or "nats", True)
+            listener(self.name, True)
         for symbol, state in list(self._symbols.items()):
             state.heard = False
             await self._open(symbol, state)
 
     def bus_down(self) -> None:
         for listener in list(self._listeners):
-            listener(self.name or "nats", False)
+            listener(self.name, False)
         for symbol, state in self._symbols.items():
             self._show_placeholder(symbol, state, BookState.STALE, BUS_LOST)
 

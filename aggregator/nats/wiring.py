@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import IServiceCollection, MultiService
+from twisted.application.service import MultiService
 
 from aggregator.exchanges import FEEDS
 from aggregator.grpc_service import API_SERVICES, AggregatorServicer, GrpcServer, Keepalive, Limits
@@ -23,7 +23,7 @@ from aggregator.nats.ingest import Ingest
 from aggregator.nats.options import NatsConfig
 
 
-def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> IServiceCollection:
+def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> MultiService:
     """Children start in this order and stop in reverse: gRPC first, the bus after
     Ingest and Edge (they hand their leases and demand back over it)."""
     root = MultiService()
