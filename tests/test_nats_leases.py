@@ -1,0 +1,81 @@
+"""Leases and demand: the local key view's expiry, --max-symbols and --symbols
+on ingest daemons, and demand withdrawn when clients leave."""
+
+import asyncio
+
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+
+from aggregator.nats.keys import KeyView
+from aggregator.simulator import SimulatorService
+from tests.aio import aio, wait_until
+from tests.e2e import Watcher
+from tests.nats_e2e import grpc_port, ingest_subscriptions, start_nats_daemon
+from tests.natsserver import NatsServer
+
+
+def test_key_view_expires_keys_not_rewritten_within_the_ttl_and_forgets_deleted_ones():
+    clock = Clock()
+    view = KeyView(ttl=1.0, clock=clock)
+    written = []
+    view.add_listener(written.append)
+    view.seed([("ethbtc", b"a")])
+    view.written("btcusdt", b"b", None)
+    clock.advance(0.6)
+    view.written("btcusdt", b"b2", None)  # renewed
+    clock.advance(0.6)
+    assert view.get("ethbtc") is None and view.get("btcusdt") == b"b2"
+    view.written("btcusdt", b"", "DEL")
+    assert view.keys() == [] and written == ["btcusdt", "btcusdt"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_symbols_caps_claims_pinned_symbols_are_claimed_and_demand_follows_clients(tmp_path):
+    server = NatsServer(tmp_path)
+    server.start()
+    sim = SimulatorService(reactor=reactor, source="synthetic", seed=5, speed=1.0)
+    sim.startService()
+    capped = await start_nats_daemon(sim, server.url, "ingest", "--max-symbols", "1",
+                                     "--symbols", "ltcbtc")
+    daemons = [capped]
+    watcher = None
+    try:
+        capped_ingest = capped.getServiceNamed("ingest")
+        # Pinned: claimed with no client anywhere.
+        await aio(wait_until(lambda: set(capped_ingest.owned) == {"ltcbtc"}, timeout=10))
+        other = await start_nats_daemon(sim, server.url, "ingest")
+        daemons.append(other)
+        edge = await start_nats_daemon(None, server.url, "edge")
+        daemons.append(edge)
+        other_ingest = other.getServiceNamed("ingest")
+
+        async def scenario():
+            nonlocal watcher
+            await edge.getServiceNamed("edge").when_symbols_loaded().asFuture(
+                asyncio.get_running_loop())
+            symbols = ["ethbtc", "btcusdt", "ethusdt"]
+            watcher = Watcher(grpc_port(edge), symbols)
+            # The capped daemon is full: the other one takes every new symbol.
+            await wait_until(lambda: set(other_ingest.owned) == set(symbols), timeout=10)
+            assert set(capped_ingest.owned) == {"ltcbtc"}
+            await wait_until(lambda: all(
+                ingest_subscriptions(sim, s) == {"binance": 1, "bitstamp": 1}
+                for s in [*symbols, "ltcbtc"]), timeout=10)
+            # Clients leave: demand is withdrawn, the owner lets go and unsubscribes.
+            await watcher.close()
+            watcher = None
+            await wait_until(lambda: not other_ingest.owned, timeout=5)
+            await wait_until(lambda: all(
+                ingest_subscriptions(sim, s) == {"binance": 0, "bitstamp": 0} for s in symbols),
+                timeout=5)
+            assert set(capped_ingest.owned) == {"ltcbtc"}
+
+        await aio(scenario())
+    finally:
+        if watcher is not None:
+            await aio(watcher.close())
+        for daemon in reversed(daemons):
+            await daemon.stopService()
+        await sim.stopService()
+        server.stop()
