@@ -120,7 +120,7 @@ class Ingest(Service):
         return Deferred.fromFuture(asyncio.ensure_future(self._release_all()))
 
     async def _release_all(self) -> None:
-        releases = [self._release(symbol) for symbol in list(self.owned)]
+        releases = [self._release(symbol, "stopping") for symbol in list(self.owned)]
         try:
             await asyncio.wait_for(asyncio.gather(*releases, return_exceptions=True), 2.0)
         except asyncio.TimeoutError:
@@ -199,7 +199,7 @@ class Ingest(Service):
     async def _reconcile(self) -> None:
         wanted = self.wanted()
         await asyncio.gather(*(
-            self._renew(symbol) if symbol in wanted else self._release(symbol)
+            self._renew(symbol) if symbol in wanted else self._release(symbol, "no demand left")
             for symbol in list(self.owned)
         ))
         candidates = [
@@ -247,12 +247,12 @@ class Ingest(Service):
         self.log.warn("NATS: lease of {symbol} lost to another daemon", symbol=symbol)
         self._drop(symbol)
 
-    async def _release(self, symbol: str) -> None:
+    async def _release(self, symbol: str, why: str) -> None:
         assert self.bus.leases is not None and self.bus.js is not None
         owned = self._drop(symbol)
         if owned is None:
             return
-        self.log.info("NATS: released {symbol} (no demand left)", symbol=symbol)
+        self.log.info("NATS: released {symbol} ({why})", symbol=symbol, why=why)
         if not self.bus.connected:
             return
         try:
