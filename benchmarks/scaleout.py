@@ -126,9 +126,9 @@ def measure(run: Any, sim: procs.Child, servers: list[Any], drivers: list[procs.
     return out
 
 
-def open_streams(run: Any, drivers: list[procs.Child], symbols: list[str]) -> None:
+def open_streams(run: Any, drivers: list[procs.Child], symbols: list[str], streams: int) -> None:
     s = run.sizes
-    per = s.fanout_streams // len(drivers)
+    per = streams // len(drivers)
     for driver in drivers:
         opened = driver.request(op="open", group="g", streams=per, symbols=symbols,
                                 channels=max(1, per // 10), record=min(per, s.record_streams),
@@ -137,32 +137,32 @@ def open_streams(run: Any, drivers: list[procs.Child], symbols: list[str]) -> No
             raise procs.ChildFailed(f"streams refused: {opened['first_error']}")
 
 
-def direct(run: Any) -> dict[str, Any]:
+def direct(run: Any, streams: int, rate: float, tag: str) -> dict[str, Any]:
     s = run.sizes
-    sim, daemon, symbols = run.start_pair(s.fanout_symbols, s.fanout_symbols, QUIET_RATE, "nats-direct")
-    driver = procs.start_driver(run.log_dir, daemon.address, run.load_cpu, name="driver-nats-direct")
+    sim, daemon, symbols = run.start_pair(s.fanout_symbols, s.fanout_symbols, QUIET_RATE, f"nats-direct-{tag}")
+    driver = procs.start_driver(run.log_dir, daemon.address, run.load_cpu, name=f"driver-nats-direct-{tag}")
     try:
-        open_streams(run, [driver], symbols)
-        sim.request(op="rate", rate=s.fanout_rate)
+        open_streams(run, [driver], symbols, streams)
+        sim.request(op="rate", rate=rate)
         time.sleep(1.0 if s.quick else 2.0)
-        return measure(run, sim, [daemon], [driver], symbols, {}, "nats-direct")
+        return measure(run, sim, [daemon], [driver], symbols, {}, f"nats-direct-{tag}")
     finally:
         driver.stop()
         daemon.stop()
         sim.stop()
 
 
-def via_edges(run: Any, n_edges: int) -> dict[str, Any]:
+def via_edges(run: Any, n_edges: int, streams: int, rate: float, tag: str) -> dict[str, Any]:
     s = run.sizes
     sim, urls = procs.start_simulator(run.log_dir, s.fanout_symbols, QUIET_RATE, run.load_cpu,
-                                      name=f"simulator-nats-{n_edges}")
+                                      name=f"simulator-nats-{n_edges}-{tag}")
     symbols = sim.request(op="symbols")["symbols"]
     started: list[Any] = [sim]
     try:
         server = NatsServer(run.log_dir, run.load_cpu)
         started.append(server)
         ingest = NatsDaemon(run.log_dir, server.url, "ingest", run.load_cpu, urls=urls, symbols=symbols,
-                            name=f"ingest-{n_edges}")
+                            name=f"ingest-{n_edges}-{tag}")
         started.append(ingest)
         deadline = time.monotonic() + 120.0
         while ingest.live_books("binance") < len(symbols):
@@ -171,50 +171,61 @@ def via_edges(run: Any, n_edges: int) -> dict[str, Any]:
             time.sleep(0.25)
         # One edge alone on the daemon CPU; a second one shares the load CPU.
         cpus = [run.daemon_cpu, run.load_cpu][:n_edges]
-        edges = [NatsDaemon(run.log_dir, server.url, "edge", cpu, max_streams=s.fanout_streams + 200,
-                            name=f"edge{i}-of-{n_edges}") for i, cpu in enumerate(cpus)]
+        edges = [NatsDaemon(run.log_dir, server.url, "edge", cpu, max_streams=streams + 200,
+                            name=f"edge{i}-of-{n_edges}-{tag}") for i, cpu in enumerate(cpus)]
         started.extend(edges)
-        drivers = [procs.start_driver(run.log_dir, edge.address, run.load_cpu, name=f"driver-nats-{n_edges}-{i}")
+        drivers = [procs.start_driver(run.log_dir, edge.address, run.load_cpu,
+                                      name=f"driver-nats-{n_edges}-{i}-{tag}")
                    for i, edge in enumerate(edges)]
         started.extend(drivers)
-        open_streams(run, drivers, symbols)
-        sim.request(op="rate", rate=s.fanout_rate)
+        open_streams(run, drivers, symbols, streams)
+        sim.request(op="rate", rate=rate)
         time.sleep(1.0 if s.quick else 2.0)
         return measure(run, sim, edges, drivers, symbols,
-                       {"nats_server": server.pid, "ingest": ingest.pid}, f"nats-{n_edges}")
+                       {"nats_server": server.pid, "ingest": ingest.pid}, f"nats-{n_edges}-{tag}")
     finally:
         for child in reversed(started):
             child.stop()
 
 
+# The hop's latency is measured light (a few streams, a modest rate) so that no process
+# queues: at 1,000 streams the load CPU (simulator, drivers, ingest, nats-server) saturates
+# and its queueing, not the hop, would dominate.
+HOP_STREAMS = 10
+HOP_RATE = 200.0
+
+
 def run_scaleout(run: Any) -> None:
     s = run.sizes
     run.say(f"NATS: {s.fanout_streams} streams over {s.fanout_symbols} symbols, {s.fanout_rate:,.0f} msgs/s in; "
-            "direct, then via 1 and 2 edges")
-    results: dict[str, Any] = {"direct": direct(run)}
+            f"direct, then via 1 and 2 edges; then the hop's latency at {HOP_STREAMS} streams, {HOP_RATE:.0f}/s")
+    results: dict[str, Any] = {"direct": direct(run, s.fanout_streams, s.fanout_rate, "load")}
     for n in (1, 2):
-        results[f"{n}_edge"] = via_edges(run, n)
+        results[f"{n}_edge"] = via_edges(run, n, s.fanout_streams, s.fanout_rate, "load")
+    results["hop_direct"] = direct(run, HOP_STREAMS, HOP_RATE, "hop")
+    results["hop_1_edge"] = via_edges(run, 1, HOP_STREAMS, HOP_RATE, "hop")
     for key, r in results.items():
-        extra = ""
         if "nats_server_cpu" in r:
-            extra = (f", edge cpu {' + '.join(f'{c:.2f}' for c in r['server_cpu'])}, nats-server cpu "
-                     f"{r['nats_server_cpu']:.2f}, ingest cpu {r['ingest_cpu']:.2f}")
+            cpu = (f"edge cpu {' + '.join(f'{c:.2f}' for c in r['server_cpu'])}, nats-server cpu "
+                   f"{r['nats_server_cpu']:.2f}, ingest cpu {r['ingest_cpu']:.2f}")
         else:
-            extra = f", daemon cpu {r['server_cpu'][0]:.2f}"
-        run.say(f"  {key:>7}: {r['delivered_msgs_per_s']:,.0f} Summaries/s{extra}; latency p50 "
-                f"{_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])}")
+            cpu = f"daemon cpu {r['server_cpu'][0]:.2f}"
+        run.say(f"  {key:>10}: {r['delivered_msgs_per_s']:,.0f} Summaries/s, {cpu}; latency p50 "
+                f"{_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} ({r['samples']} samples)")
     run.details["nats"] = results
-    one, two, base = results["1_edge"], results["2_edge"], results["direct"]
+    one, two = results["1_edge"], results["2_edge"]
+    hop, base = results["hop_1_edge"], results["hop_direct"]
     run.results["nats_msgs_per_s_1_edge_1000"] = one["delivered_msgs_per_s"]
     run.results["nats_msgs_per_s_2_edges_1000"] = two["delivered_msgs_per_s"]
+    run.results["nats_msgs_per_s_direct_1000"] = results["direct"]["delivered_msgs_per_s"]
     run.results["nats_edge_cpu_1_edge"] = one["server_cpu"][0]
     run.results["nats_edge_cpu_2_edges"] = two["server_cpu"]
     run.results["nats_server_cpu_1_edge"] = one["nats_server_cpu"]
     run.results["nats_server_cpu_2_edges"] = two["nats_server_cpu"]
-    run.results["nats_p50_ms_via_edge"] = one["p50_ms"]
-    run.results["nats_p99_ms_via_edge"] = one["p99_ms"]
-    run.results["nats_p50_ms_direct"] = base["p50_ms"]
-    run.results["nats_p99_ms_direct"] = base["p99_ms"]
+    run.results["nats_hop_p50_ms_via_edge"] = hop["p50_ms"]
+    run.results["nats_hop_p99_ms_via_edge"] = hop["p99_ms"]
+    run.results["nats_hop_p50_ms_direct"] = base["p50_ms"]
+    run.results["nats_hop_p99_ms_direct"] = base["p99_ms"]
 
 
 def _ms(v: float | None) -> str:

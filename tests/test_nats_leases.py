@@ -3,6 +3,8 @@ on ingest daemons, and demand withdrawn when clients leave."""
 
 import asyncio
 
+import nats
+import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import Clock
@@ -72,6 +74,20 @@ async def test_max_symbols_caps_claims_pinned_symbols_are_claimed_and_demand_fol
             assert set(capped_ingest.owned) == {"ltcbtc"}
 
         await aio(scenario())
+        # A clean stop hands the lease back at once instead of letting it expire.
+        await capped.stopService()
+        daemons.remove(capped)
+
+        async def lease_gone():
+            client = await nats.connect(server.url)
+            try:
+                kv = await client.jetstream().key_value("aggregator_leases")
+                with pytest.raises(nats.js.errors.NotFoundError):  # deleted, or never there
+                    await kv.get("ltcbtc")
+            finally:
+                await client.close()
+
+        await aio(lease_gone())
     finally:
         if watcher is not None:
             await aio(watcher.close())

@@ -23,7 +23,7 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.logger import Logger
 
 from aggregator.nats import metrics
@@ -63,6 +63,7 @@ class Bus(Service):
         self._ups = 0
         self._listeners: list[BusListener] = []
         self._task: asyncio.Future[None] | None = None
+        self._before_close: list[Deferred[None]] = []
         self._throttled = ThrottledLog(self.log, clock)
 
     @property
@@ -77,8 +78,18 @@ class Bus(Service):
         self.daemon_id = new_daemon_id()
         self._task = asyncio.ensure_future(self._connect())
 
+    def finish_before_close(self, stopping: Deferred[None]) -> None:
+        """Keep the connection until `stopping` fires: MultiService stops its
+        children all at once, and Ingest and Edge hand their leases and demand
+        back over this connection as they stop."""
+        self._before_close.append(stopping)
+
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        stopping, self._before_close = self._before_close, []
+        return DeferredList(stopping).addCallback(lambda _: self._close())
+
+    def _close(self) -> Deferred[None]:
         task, self._task = self._task, None
         if task is not None and not task.done():
             task.cancel()

@@ -59,7 +59,7 @@ def is_summary(data: bytes) -> bool:
 
 
 class _Symbol:
-    __slots__ = ("subscriptions", "shown", "placeholder", "nats", "since", "heard")
+    __slots__ = ("subscriptions", "shown", "placeholder", "nats", "since", "heard", "incoming")
 
     def __init__(self, since: float) -> None:
         self.subscriptions: set[Subscription] = set()
@@ -68,6 +68,7 @@ class _Symbol:
         self.nats: NatsSubscription | None = None
         self.since = since  # when demand started: the owner gets a lease's time to appear
         self.heard = False  # a Summary arrived since the subscription was (re)made
+        self.incoming: bytes | None = None  # received, not yet offered to the clients
 
 
 class Edge(Service):
@@ -83,6 +84,8 @@ class Edge(Service):
         self.catalog: dict[str, frozenset[str]] = {}
         self.dropped = 0
         self._symbols: dict[str, _Symbol] = {}
+        self._arrived: set[_Symbol] = set()  # symbols with an `incoming` Summary
+        self._flush_call: Any = None
         self._waiters: list[Deferred[None]] = []
         self._listeners: list[Callable[[str, bool], None]] = []
         self._ticker = LoopingCall(self._tick)
@@ -159,10 +162,14 @@ class Edge(Service):
         super().stopService()
         if self._ticker.running:
             self._ticker.stop()
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
         for state in self._symbols.values():
             for subscription in list(state.subscriptions):
                 subscription.end()
-        return Deferred.fromFuture(asyncio.ensure_future(self._withdraw_demand()))
+        withdrawn: Deferred[None] = Deferred.fromFuture(asyncio.ensure_future(self._withdraw_demand()))
+        self.bus.finish_before_close(withdrawn)
+        return withdrawn
 
     async def _withdraw_demand(self) -> None:
         if not self.bus.connected:
@@ -193,6 +200,7 @@ class Edge(Service):
         for listener in list(self._listeners):
             listener(self.name, False)
         for symbol, state in self._symbols.items():
+            state.incoming = None  # older than the disconnection: not to be shown after it
             self._show_placeholder(symbol, state, BookState.STALE, BUS_LOST)
 
     async def _subscribe_catalog(self) -> None:
@@ -255,7 +263,21 @@ class Edge(Service):
         if self._symbols.get(symbol) is not state:
             return
         state.heard = True
-        self._show(state, data, None)
+        # Offered once per reactor turn: nats-py hands over a backlog message by
+        # message in one turn, and only the newest of a symbol matters (a
+        # client holds one Summary at most anyway).
+        state.incoming = data
+        self._arrived.add(state)
+        if self._flush_call is None:
+            self._flush_call = self.clock.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_call = None
+        arrived, self._arrived = self._arrived, set()
+        for state in arrived:
+            if state.incoming is not None:
+                summary, state.incoming = state.incoming, None
+                self._show(state, summary, None)
 
     def _show(self, state: _Symbol, summary: bytes, placeholder: str | None) -> None:
         state.shown = summary

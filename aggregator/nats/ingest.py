@@ -117,7 +117,9 @@ class Ingest(Service):
         if self._ticker.running:
             self._ticker.stop()
         # Hand the symbols over now rather than after the lease expires.
-        return Deferred.fromFuture(asyncio.ensure_future(self._release_all()))
+        released: Deferred[None] = Deferred.fromFuture(asyncio.ensure_future(self._release_all()))
+        self.bus.finish_before_close(released)
+        return released
 
     async def _release_all(self) -> None:
         releases = [self._release(symbol, "stopping") for symbol in list(self.owned)]
