@@ -117,6 +117,8 @@ def measure(run: Any, sim: procs.Child, servers: list[Any], drivers: list[procs.
         "delivered_msgs_per_s": delivered,
         "server_cpu": [(b - a) / dt for a, b in zip(c0, c1)],
         "errors": sum(d["groups"]["g"]["errors"] for d in d1),
+        # The drivers share the load CPU: when they saturate, latency is their queueing.
+        "driver_cpu": [(b["cpu"] - a["cpu"]) / dt for a, b in zip(d0, d1)],
         "matched": rec["matched"],
     }
     out.update({f"{key}_cpu": (e1[key] - e0[key]) / dt for key in extra_stats})
@@ -210,6 +212,7 @@ def run_scaleout(run: Any) -> None:
                    f"{r['nats_server_cpu']:.2f}, ingest cpu {r['ingest_cpu']:.2f}")
         else:
             cpu = f"daemon cpu {r['server_cpu'][0]:.2f}"
+        cpu += f", driver cpu {' + '.join(f'{c:.2f}' for c in r['driver_cpu'])}"
         run.say(f"  {key:>10}: {r['delivered_msgs_per_s']:,.0f} Summaries/s, {cpu}; latency p50 "
                 f"{_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])} ({r['samples']} samples)")
     run.details["nats"] = results
