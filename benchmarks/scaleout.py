@@ -163,7 +163,9 @@ def via_edges(run: Any, n_edges: int, streams: int, rate: float, tag: str) -> di
     try:
         server = NatsServer(run.log_dir, run.load_cpu)
         started.append(server)
-        ingest = NatsDaemon(run.log_dir, server.url, "ingest", run.load_cpu, urls=urls, symbols=symbols,
+        # The ingest daemon shares the daemon CPU with edge 1: together they do the
+        # direct daemon's work on the same core, the load generators stay on the other.
+        ingest = NatsDaemon(run.log_dir, server.url, "ingest", run.daemon_cpu, urls=urls, symbols=symbols,
                             name=f"ingest-{n_edges}-{tag}")
         started.append(ingest)
         deadline = time.monotonic() + 120.0
@@ -171,7 +173,7 @@ def via_edges(run: Any, n_edges: int, streams: int, rate: float, tag: str) -> di
             if time.monotonic() > deadline:
                 raise procs.ChildFailed("ingest: books not live after 120 s")
             time.sleep(0.25)
-        # One edge alone on the daemon CPU; a second one shares the load CPU.
+        # A second edge shares the load CPU (a 2-CPU machine has no third).
         cpus = [run.daemon_cpu, run.load_cpu][:n_edges]
         edges = [NatsDaemon(run.log_dir, server.url, "edge", cpu, max_streams=streams + 200,
                             name=f"edge{i}-of-{n_edges}-{tag}") for i, cpu in enumerate(cpus)]

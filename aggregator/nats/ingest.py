@@ -36,6 +36,9 @@ from aggregator.nats.keys import KeyView
 from aggregator.nats.names import kv_subject_prefix
 
 _KV_OPERATION = "KV-Operation"
+# Bytes waiting in nats-py's outgoing buffer beyond which a pump waits for the
+# server to catch up (its Summary slot conflates meanwhile) rather than queue.
+_MAX_UNSENT = 256 * 1024
 
 
 @dataclass
@@ -295,5 +298,7 @@ class Ingest(Service):
             # Core publish into the stream's subject: no ack round trip per
             # Summary, and nats-py's outgoing buffer is bounded (pending_size).
             await self.bus.client.publish(self.bus.names.summary_subject(symbol), summary)
+            if self.bus.client.pending_data_size > _MAX_UNSENT:
+                await self.bus.client.flush(timeout=max(1, round(self.bus.config.lease)))
         except NatsError:
             pass  # disconnected meanwhile: republished after the reconnect
