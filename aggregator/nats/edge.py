@@ -59,13 +59,16 @@ def is_summary(data: bytes) -> bool:
 
 
 class _Symbol:
-    __slots__ = ("subscriptions", "shown", "placeholder", "nats", "since", "heard", "incoming")
+    __slots__ = (
+        "subscriptions", "shown", "placeholder", "nats", "subscribing", "since", "heard", "incoming"
+    )
 
     def __init__(self, since: float) -> None:
         self.subscriptions: set[Subscription] = set()
         self.shown: bytes | None = None  # what clients were last given
         self.placeholder: str | None = None  # its reason, if it is a placeholder
         self.nats: NatsSubscription | None = None
+        self.subscribing = False
         self.since = since  # when demand started: the owner gets a lease's time to appear
         self.heard = False  # a Summary arrived since the subscription was (re)made
         self.incoming: bytes | None = None  # received, not yet offered to the clients
@@ -233,11 +236,21 @@ class Edge(Service):
         client, js, demand = self.bus.client, self.bus.js, self.bus.demand
         assert client is not None and js is not None and demand is not None
         subject = self.bus.names.summary_subject(symbol)
-        if state.nats is None:
+        if state.nats is None and not state.subscribing:
             async def received(msg: Msg) -> None:
                 self._received(symbol, state, msg.data)
 
-            state.nats = await client.subscribe(subject, cb=received)
+            # Flagged across the await: a client's first stream and a reconnect
+            # may open the same symbol at once, and one subscription is enough.
+            state.subscribing = True
+            try:
+                subscription = await client.subscribe(subject, cb=received)
+            finally:
+                state.subscribing = False
+            if self._symbols.get(symbol) is not state:
+                await subscription.unsubscribe()  # the last client left meanwhile
+                return
+            state.nats = subscription
         await demand.put(self._demand_key(symbol), b"")
         try:
             last = await js.get_last_msg(self.bus.names.summaries_stream, subject)

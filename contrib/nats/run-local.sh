@@ -2,7 +2,7 @@
 # Scaling out on one host: nats-server (JetStream) + the exchange simulator
 # + 2 ingest daemons + 2 edges, all on loopback. Ctrl-C stops everything.
 #
-#   contrib/nats/run-local.sh            # from a virtualenv with '.[test]' installed
+#   contrib/nats/run-local.sh            # with the virtualenv of '.[test]' on PATH
 #   aggregator-client ethbtc --addr 127.0.0.1:9051   # edge 1
 #   aggregator-client ethbtc --addr 127.0.0.1:9052   # edge 2
 #
@@ -12,6 +12,10 @@
 set -eu
 
 BIN=$(dirname "$(command -v twistd)")
+# From a checkout (an editable install does not put the twistd plugin in
+# site-packages): twistd finds it through the repository's twisted/plugins.
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/aggregator-nats.XXXXXX")
 NATS=nats://127.0.0.1:4222
 LEASE=${LEASE:-10}
