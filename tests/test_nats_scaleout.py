@@ -109,8 +109,9 @@ async def test_two_ingests_two_edges_exact_through_takeover_and_edge_loss(nats_s
             while not await all_moved():
                 assert time.monotonic() < deadline, f"not taken over: {taken_over}"
                 await asyncio.sleep(0.05)
-            # Expiry (one lease after the last renewal) + one claim pass (a quarter lease).
-            assert max(taken_over.values()) < 2 * LEASE + 0.5, taken_over
+            # Nominally expiry (at most a lease after the kill) + one claim pass (a
+            # quarter lease); the slack is for a loaded test machine.
+            assert max(taken_over.values()) < 3 * LEASE + 1.0, taken_over
             await settle_exact(sim, pairs)
             await wait_until(lambda: ingested_once(sim), timeout=5)
             assert [w.errors for w in watchers] == [[], []]
