@@ -25,11 +25,10 @@ def nats_options(sim, nats_url: str, role: str, *extra: str, lease: float = 1.0)
 
 
 async def start_nats_daemon(sim, nats_url: str, role: str, *extra: str, lease: float = 1.0):
-    """An in-process daemon; its gRPC port (edge, both) is daemon.getServiceNamed("grpc").port."""
+    """An in-process daemon; its gRPC port (the API, or health only for ingest) is grpc_port(daemon)."""
     daemon = plugin().makeService(nats_options(sim, nats_url, role, *extra, lease=lease))
     daemon.startService()
-    if role != "ingest":
-        await daemon.getServiceNamed("grpc").whenStarted()
+    await daemon.getServiceNamed("grpc").whenStarted()
     return daemon
 
 
@@ -55,7 +54,8 @@ class IngestProcess:
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "aggregator", "--nats", nats_url, "--nats-role", "ingest",
+            [TWISTD, "-n", "--pidfile=", "aggregator", "--listen", "127.0.0.1:0",
+             "--nats", nats_url, "--nats-role", "ingest",
              "--nats-lease", str(lease), *sim_args(sim), *extra],
             cwd=log_path.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )

@@ -5,6 +5,7 @@ and garbage on a Summary subject (dropped, counted, never forwarded)."""
 import asyncio
 
 import grpc
+import pytest
 import nats
 import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -147,6 +148,45 @@ async def test_a_message_that_is_not_a_summary_is_dropped_counted_and_never_forw
             await aio(watcher.close())
         if client is not None:
             await aio(client.close())
+        await daemon.stopService()
+        await sim.stopService()
+        server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_ingest_daemon_serves_health_only_not_serving_until_nats_is_up(tmp_path):
+    from aggregator.nats.readiness import INGEST_SERVICE
+
+    server = NatsServer(tmp_path, port=free_port())  # not started yet
+    sim = SimulatorService(reactor=reactor, source="synthetic", seed=1, speed=1.0)
+    sim.startService()
+    daemon = await start_nats_daemon(sim, server.url, "ingest")
+    try:
+        async def scenario():
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port(daemon)}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+
+                async def status():
+                    request = health_pb2.HealthCheckRequest(service=INGEST_SERVICE)
+                    return (await within(stub.Check(request), 5)).status
+
+                await asyncio.sleep(1.5)  # the exchanges are up by now, NATS is not
+                assert await status() == NOT_SERVING
+                server.start()
+                await wait_until(lambda: daemon.getServiceNamed("bus").connected, timeout=10)
+                for _ in range(50):  # the status follows within a reactor turn or two
+                    if await status() == SERVING:
+                        break
+                    await asyncio.sleep(0.1)
+                assert await status() == SERVING
+                # No streams here: BookSummary is not served by an ingest daemon.
+                call = channel.unary_stream("/orderbook.Aggregator/BookSummary")(b"")
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await within(call.read(), 5)
+                assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+        await aio(scenario())
+    finally:
         await daemon.stopService()
         await sim.stopService()
         server.stop()

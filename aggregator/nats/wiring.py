@@ -1,7 +1,8 @@
 """The service tree of a daemon started with --nats (tap.makeService hands over).
 
-ingest: metrics, (simulator), feeds, Merger, Bus, Ingest — no gRPC: clients go
-to edges, so that a symbol is watched by its lease owner only.
+ingest: metrics, (simulator), feeds, Merger, Bus, Ingest, and on --listen gRPC
+health and reflection only — no streams: clients go to edges, so that a symbol
+is watched by its lease owner only.
 edge: metrics, Bus, Edge, gRPC server (API, health, reflection, limits) fed by Edge.
 both: all of it in one process; its own clients are served through the bus too.
 """
@@ -21,6 +22,7 @@ from aggregator.nats.bus import Bus
 from aggregator.nats.edge import Edge
 from aggregator.nats.ingest import Ingest
 from aggregator.nats.options import NatsConfig
+from aggregator.nats.readiness import INGEST_SERVICE, HealthServer, IngestReadiness
 
 
 def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> MultiService:
@@ -33,7 +35,7 @@ def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> Multi
         metrics_server.setServiceParent(root)
     merger = None
     if config.ingest:
-        merger = _add_exchanges(root, options, reactor)
+        merger, feeds = _add_exchanges(root, options, reactor)
     bus = Bus(config, clock=reactor)
     bus.setName("bus")
     bus.setServiceParent(root)
@@ -43,6 +45,13 @@ def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> Multi
         )
         ingest.setName("ingest")
         ingest.setServiceParent(root)
+        if not config.edge:
+            readiness = IngestReadiness(bus, feeds)
+            health = HealthServer(
+                options["listen"], Health([readiness], (INGEST_SERVICE,)), tls=options["tls"]
+            )
+            health.setName("grpc")
+            health.setServiceParent(root)
     if config.edge:
         edge = Edge(bus, clock=reactor)
         edge.setName("edge")
@@ -65,10 +74,11 @@ def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> Multi
     return root
 
 
-def _add_exchanges(root: MultiService, options: Any, reactor: Any) -> Merger:
+def _add_exchanges(root: MultiService, options: Any, reactor: Any) -> tuple[Merger, list[Any]]:
     from aggregator.tap import DemoWiring
 
-    feeds = [
+    # Any: ExchangeFeed is checked against the Merger's Feed protocol in tap.py.
+    feeds: list[Any] = [
         FEEDS[name](options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor)
         for name in options["exchanges"]
     ]
@@ -92,4 +102,4 @@ def _add_exchanges(root: MultiService, options: Any, reactor: Any) -> Merger:
     merger = Merger(feeds, depth=options["depth"])
     merger.setName("merger")
     merger.setServiceParent(root)
-    return merger
+    return merger, feeds

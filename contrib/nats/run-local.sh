@@ -47,11 +47,11 @@ sleep 1
 for i in 1 2; do
     # shellcheck disable=SC2086  # $SIM is a list of flags
     start "ingest$i" "$BIN/twistd" -n --pidfile= aggregator --nats "$NATS" --nats-role ingest \
-        --nats-lease "$LEASE" --metrics "127.0.0.1:910$i" $SIM
+        --nats-lease "$LEASE" --listen "127.0.0.1:906$i" --metrics "127.0.0.1:910$i" $SIM
 done
 for i in 1 2; do
     start "edge$i" "$BIN/twistd" -n --pidfile= aggregator --nats "$NATS" --nats-role edge \
         --nats-lease "$LEASE" --listen "127.0.0.1:905$i" --metrics "127.0.0.1:911$i"
 done
-echo "edges: 127.0.0.1:9051 and 127.0.0.1:9052 (Ctrl-C stops everything)"
+echo "edges: 127.0.0.1:9051 and 127.0.0.1:9052; ingest health: 127.0.0.1:9061, :9062 (Ctrl-C stops everything)"
 wait
