@@ -28,10 +28,11 @@ def nats_server_binary() -> str:
 class NatsServer:
     """start() / stop() / restart() on the same port; `url` for --nats."""
 
-    def __init__(self, store: Path, port: int | None = None) -> None:
+    def __init__(self, store: Path, port: int | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.store = store
         self.port = port or free_port()
-        self.url = f"nats://127.0.0.1:{self.port}"
+        self.url = f"{'tls' if tls else 'nats'}://127.0.0.1:{self.port}"
+        self.tls_args = ["--tls", "--tlscert", str(tls[0]), "--tlskey", str(tls[1])] if tls else []
         self.process: subprocess.Popen[bytes] | None = None
         self.log = store / "nats-server.log"
 
@@ -39,7 +40,7 @@ class NatsServer:
         assert self.process is None
         self.process = subprocess.Popen(
             [nats_server_binary(), "-js", "-sd", str(self.store), "-a", "127.0.0.1",
-             "-p", str(self.port), "-l", str(self.log)],
+             "-p", str(self.port), "-l", str(self.log), *self.tls_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout

@@ -190,3 +190,33 @@ async def test_an_ingest_daemon_serves_health_only_not_serving_until_nats_is_up(
         await daemon.stopService()
         await sim.stopService()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_to_nats_with_a_ca_option(tmp_path):
+    from tests.ops import self_signed
+
+    cert, key = self_signed(tmp_path)
+    server = NatsServer(tmp_path, tls=(cert, key))
+    server.start()
+    sim = SimulatorService(reactor=reactor, source="synthetic", seed=6, speed=2.0)
+    sim.startService()
+    daemon = await start_nats_daemon(sim, server.url, "both", "--nats-tls-ca", str(cert))
+    watcher = None
+    try:
+        async def scenario():
+            nonlocal watcher
+            loop = asyncio.get_running_loop()
+            await daemon.getServiceNamed("edge").when_symbols_loaded().asFuture(loop)
+            assert daemon.getServiceNamed("bus").client.connected_url.scheme == "tls"
+            watcher = Watcher(grpc_port(daemon), ["ethbtc"])
+            sim.pause()
+            await wait_until(lambda: exact(sim, watcher, "ethbtc"), timeout=15)
+
+        await aio(scenario())
+    finally:
+        if watcher is not None:
+            await aio(watcher.close())
+        await daemon.stopService()
+        await sim.stopService()
+        server.stop()
