@@ -40,8 +40,7 @@ from aggregator.merger import (
 )
 from aggregator.nats import metrics
 from aggregator.nats.bus import Bus
-from aggregator.nats.ingest import read_bucket, subscribe_view
-from aggregator.nats.keys import KeyView
+from aggregator.nats.keys import KeyView, read_bucket, subscribe_view
 from aggregator.nats.names import kv_subject_prefix
 from aggregator.throttled_log import ThrottledLog
 

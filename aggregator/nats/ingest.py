@@ -19,11 +19,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import Error as JetStreamError
-from nats.js.kv import KeyValue
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
@@ -32,10 +30,7 @@ from twisted.logger import Logger
 from aggregator.merger import Merger, Subscription, SymbolListsUnavailable, UnknownSymbol
 from aggregator.nats import metrics
 from aggregator.nats.bus import Bus
-from aggregator.nats.keys import KeyView
-from aggregator.nats.names import kv_subject_prefix
-
-_KV_OPERATION = "KV-Operation"
+from aggregator.nats.keys import KeyView, read_bucket, subscribe_view
 # Bytes waiting in nats-py's outgoing buffer beyond which a pump waits for the
 # server to catch up (its Summary slot conflates meanwhile) rather than queue.
 _MAX_UNSENT = 256 * 1024
@@ -46,34 +41,8 @@ class _Owned:
     revision: int
     subscription: Subscription
     last: bytes | None = None  # the latest Summary, republished after a reconnect
+    # Referenced here so that the task is not garbage-collected while it waits.
     pump: asyncio.Future[None] | None = field(default=None, repr=False)
-
-
-async def read_bucket(bucket: KeyValue) -> list[tuple[str, bytes]]:
-    """Every key of `bucket` with its value (b"" if gone meanwhile)."""
-    try:
-        keys = await bucket.keys()
-    except NoKeysError:
-        return []
-    out = []
-    for key in keys:
-        try:
-            out.append((key, (await bucket.get(key)).value or b""))
-        except JetStreamError:
-            continue  # deleted or expired between the two reads
-    return out
-
-
-def subscribe_view(bus: Bus, bucket: str, view: KeyView) -> Any:
-    """Feed `view` from every write to `bucket` (see KeyView)."""
-    prefix = kv_subject_prefix(bucket)
-
-    async def written(msg: Msg) -> None:
-        operation = msg.headers.get(_KV_OPERATION) if msg.headers else None
-        view.written(msg.subject[len(prefix):], msg.data, operation)
-
-    assert bus.client is not None
-    return bus.client.subscribe(prefix + ">", cb=written)
 
 
 class Ingest(Service):

@@ -1,4 +1,5 @@
-"""A local, live view of which keys of a key-value bucket exist.
+"""A local, live view of which keys of a key-value bucket exist, and the two
+ways it is filled: a read of the whole bucket, and a subscription to its writes.
 
 Every write to a bucket is a message on `$KV.<bucket>.<key>`; a plain core
 subscription sees them all as they happen (no consumer to manage, and nats-py
@@ -9,9 +10,20 @@ rewritten within `ttl` is gone. Owners rewrite well within it.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+from nats.aio.msg import Msg
+from nats.js.errors import Error as JetStreamError
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
+
+from aggregator.nats.names import kv_subject_prefix
+
+if TYPE_CHECKING:
+    from aggregator.nats.bus import Bus
 
 _DELETE_OPS = ("DEL", "PURGE")
+_KV_OPERATION = "KV-Operation"
 
 
 class KeyView:
@@ -54,3 +66,30 @@ class KeyView:
         for key in expired:
             del self._seen[key]
         return list(self._seen)
+
+
+async def read_bucket(bucket: KeyValue) -> list[tuple[str, bytes]]:
+    """Every key of `bucket` with its value; keys gone between the two reads are left out."""
+    try:
+        keys = await bucket.keys()
+    except NoKeysError:
+        return []
+    out = []
+    for key in keys:
+        try:
+            out.append((key, (await bucket.get(key)).value or b""))
+        except JetStreamError:
+            continue  # deleted or expired between the two reads
+    return out
+
+
+def subscribe_view(bus: Bus, bucket: str, view: KeyView) -> Any:
+    """Feed `view` from every write to `bucket` (see KeyView)."""
+    prefix = kv_subject_prefix(bucket)
+
+    async def written(msg: Msg) -> None:
+        operation = msg.headers.get(_KV_OPERATION) if msg.headers else None
+        view.written(msg.subject[len(prefix):], msg.data, operation)
+
+    assert bus.client is not None
+    return bus.client.subscribe(prefix + ">", cb=written)
