@@ -125,6 +125,13 @@ async def test_two_ingests_two_edges_exact_through_takeover_and_edge_loss(nats_s
                 lambda: all(watchers[1].counts[s] > before[s] for s in SYMBOLS_B), timeout=10)
             await settle_exact(sim, pairs[1:])
             assert watchers[1].errors == []
+            # Edge 0's demand went with it: symbols only it wanted are let go of.
+            only_0 = sorted(set(SYMBOLS_A) - set(SYMBOLS_B))
+            await wait_until(lambda: all(
+                ingest_subscriptions(sim, s) == {"binance": 0, "bitstamp": 0} for s in only_0),
+                timeout=3 * LEASE + 2)
+            assert all(ingest_subscriptions(sim, s) == {"binance": 1, "bitstamp": 1}
+                       for s in SYMBOLS_B)
             return max(taken_over.values())
 
         takeover = await aio(scenario())

@@ -113,9 +113,11 @@ class Edge(Service):
                     f"of {max_symbols} symbols"
                 )
             state = self._symbols[symbol] = _Symbol(self.clock.seconds())
-            self._show_placeholder(symbol, state, BookState.SYNCING, "waiting for the owner's book")
             if self.bus.connected:
+                self._show_placeholder(symbol, state, BookState.SYNCING, "waiting for the owner's book")
                 self.bus.run(self._open(symbol, state))
+            else:
+                self._show_placeholder(symbol, state, BookState.STALE, BUS_LOST)
         subscription = Subscription(symbol, self._unsubscribe)
         state.subscriptions.add(subscription)
         assert state.shown is not None
@@ -251,6 +253,9 @@ class Edge(Service):
                 return
             state.nats = subscription
         await demand.put(self._demand_key(symbol), b"")
+        if self._symbols.get(symbol) is not state:
+            await self._delete_demand(symbol)  # the last client left during the put
+            return
         try:
             last = await js.get_last_msg(self.bus.names.summaries_stream, subject)
         except NotFoundError:
