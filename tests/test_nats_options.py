@@ -54,3 +54,26 @@ def test_a_cluster_of_urls_and_tls_are_accepted():
     assert config.tls_context() is not None
     assert config.names.summary_subject("ethbtc") == "prod-1.summary.ethbtc"
     assert config.names.leases_bucket == "prod-1_leases"
+
+
+def test_reconnections_back_off_exponentially_up_to_the_lease_on_the_least_tried_server():
+    import random
+    from urllib.parse import urlparse
+
+    from nats.aio.client import Server
+    from twisted.internet.task import Clock
+
+    from aggregator.nats.bus import Bus
+
+    config = parse("--nats", "nats://a:4222,nats://b:4222", "--nats-lease", "4")["nats-config"]
+    bus = Bus(config, clock=Clock(), rng=random.Random(1))
+    delays = []
+    for tried in range(6):
+        servers = [Server(uri=urlparse("nats://a:4222"), reconnects=tried + 1),
+                   Server(uri=urlparse("nats://b:4222"), reconnects=tried)]
+        server, delay = bus._next_server(servers, {})
+        assert server.uri.hostname == "b"
+        delays.append(delay)
+    for tried, delay in enumerate(delays):
+        ceiling = min(4.0, 0.25 * 2 ** tried)
+        assert ceiling / 2 <= delay <= ceiling

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import secrets
 import socket
 from typing import Any, Awaitable, Protocol
 
 import nats
-from nats.aio.client import Client
+from nats.aio.client import Client, Server
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, KeyValueConfig, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -48,11 +49,21 @@ class BusListener(Protocol):
 class Bus(Service):
     log = Logger()
 
-    def __init__(self, config: NatsConfig, clock: Any, reconnect_wait: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: NatsConfig,
+        clock: Any,
+        reconnect_wait: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.names = config.names
         self.clock = clock
         self.reconnect_wait = reconnect_wait
+        # Reconnections back off exponentially up to this (no longer than a
+        # lease: a bus back sooner than that loses no lease).
+        self.max_backoff = min(8.0, config.lease)
+        self._rng = rng or random.Random()
         self.daemon_id = ""
         self.client: Client | None = None
         self.js: JetStreamContext | None = None
@@ -115,8 +126,9 @@ class Bus(Service):
         self.client = await nats.connect(
             servers=list(self.config.servers),
             name=f"aggregator {self.config.role} {self.daemon_id}",
-            max_reconnect_attempts=-1,  # also retries the first connection
+            max_reconnect_attempts=-1,  # also retries the first connection (every reconnect_wait)
             reconnect_time_wait=self.reconnect_wait,
+            reconnect_to_server_handler=self._next_server,
             connect_timeout=2,
             # A dead server must be noticed within about a lease.
             ping_interval=max(1, round(self.config.lease / 2)),
@@ -181,6 +193,13 @@ class Bus(Service):
                 bucket=name,
             )
             return await js.key_value(name)
+
+    def _next_server(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server, float]:
+        """After a disconnection: the server tried least, after an exponential,
+        jittered delay (0.25 s doubling per failed attempt, up to max_backoff)."""
+        server = min(servers, key=lambda s: s.reconnects)
+        delay = min(self.max_backoff, 0.25 * 2 ** min(server.reconnects, 10))
+        return server, delay * self._rng.uniform(0.5, 1.0)
 
     def _set_ready(self, ready: bool) -> None:
         self._ready = ready
