@@ -45,18 +45,19 @@ def sim_args(sim) -> list[str]:
     ]
 
 
-class IngestProcess:
-    """`twistd -n aggregator --nats-role ingest` in its own process, so that a
-    test can kill it for real (SIGKILL: no lease handed back)."""
+class DaemonProcess:
+    """`twistd -n aggregator --nats-role ROLE` in its own process, so that a test
+    can kill it for real (SIGKILL: no lease or demand handed back)."""
 
-    def __init__(self, sim, nats_url: str, log_path: Path, *extra: str, lease: float = 1.0) -> None:
+    def __init__(self, role: str, sim, nats_url: str, log_path: Path, *extra: str,
+                 lease: float = 1.0, listen: str = "127.0.0.1:0") -> None:
         self.log_path = log_path
         self.log = open(log_path, "wb")
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self.process = subprocess.Popen(
-            [TWISTD, "-n", "--pidfile=", "aggregator", "--listen", "127.0.0.1:0",
-             "--nats", nats_url, "--nats-role", "ingest",
-             "--nats-lease", str(lease), *sim_args(sim), *extra],
+            [TWISTD, "-n", "--pidfile=", "aggregator", "--listen", listen,
+             "--nats", nats_url, "--nats-role", role, "--nats-lease", str(lease),
+             *(sim_args(sim) if sim is not None else []), *extra],
             cwd=log_path.parent, env=env, stdout=self.log, stderr=subprocess.STDOUT,
         )
 
@@ -85,3 +86,7 @@ def ingest_subscriptions(sim, symbol: str) -> dict[str, int]:
         "binance": sim._factory("binance").hub.subscribers(f"{symbol}@depth@100ms"),
         "bitstamp": sim._factory("bitstamp").hub.subscribers(f"order_book_{symbol}"),
     }
+
+
+def IngestProcess(sim, nats_url: str, log_path: Path, *extra: str, lease: float = 1.0) -> DaemonProcess:
+    return DaemonProcess("ingest", sim, nats_url, log_path, *extra, lease=lease)

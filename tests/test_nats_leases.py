@@ -95,3 +95,48 @@ async def test_max_symbols_caps_claims_pinned_symbols_are_claimed_and_demand_fol
             await daemon.stopService()
         await sim.stopService()
         server.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_edge_stops_holding_its_symbols_within_the_lease(tmp_path):
+    from tests.nats_e2e import DaemonProcess
+    from tests.natsserver import free_port
+
+    server = NatsServer(tmp_path)
+    server.start()
+    sim = SimulatorService(reactor=reactor, source="synthetic", seed=8, speed=1.0)
+    sim.startService()
+    ingest = await start_nats_daemon(sim, server.url, "ingest")
+    port = free_port()
+    edge = DaemonProcess("edge", None, server.url, tmp_path / "edge.log", listen=f"127.0.0.1:{port}")
+    watcher = None
+    try:
+        async def scenario():
+            nonlocal watcher
+            await wait_until(lambda: sim.connections("binance") > 0, timeout=10)
+            owned = ingest.getServiceNamed("ingest").owned
+            for _ in range(100):  # the edge process starts, then its catalog arrives
+                watcher = Watcher(port, ["ethbtc"])
+                await asyncio.sleep(0.3)
+                if watcher.counts["ethbtc"] and not watcher.errors:
+                    break
+                await watcher.close()
+                watcher = None
+            assert watcher is not None, "edge never served"
+            await wait_until(lambda: "ethbtc" in owned, timeout=5)
+            edge.kill()  # its demand key is left to expire
+            await watcher.close()
+            watcher = None
+            await wait_until(lambda: "ethbtc" not in owned, timeout=4)
+            await wait_until(
+                lambda: ingest_subscriptions(sim, "ethbtc") == {"binance": 0, "bitstamp": 0},
+                timeout=3)
+
+        await aio(scenario())
+    finally:
+        if watcher is not None:
+            await aio(watcher.close())
+        edge.stop()
+        await ingest.stopService()
+        await sim.stopService()
+        server.stop()
