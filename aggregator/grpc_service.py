@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import urllib.parse
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, NamedTuple, NoReturn, cast
+from typing import Any, AsyncIterator, Callable, Iterable, NamedTuple, NoReturn, Protocol, cast
 
 import grpc
 from grpc_reflection.v1alpha import reflection
@@ -30,7 +30,6 @@ from aggregator.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from aggregator.health import Health
 from aggregator.merger import (
     InvalidView,
-    Merger,
     Subscription,
     SymbolListsUnavailable,
     TooManySymbols,
@@ -117,12 +116,28 @@ def format_peer(peer: str) -> str:
     return address if scheme in ("ipv4", "ipv6") else urllib.parse.unquote(peer)
 
 
+class SummarySource(Protocol):
+    """Where the servicer gets Summaries: the Merger, or an edge's NATS source
+    (aggregator/nats/edge.py). subscribe() raises UnknownSymbol,
+    TooManySymbols, SymbolListsUnavailable or InvalidView."""
+
+    def subscribe(
+        self,
+        symbol: str,
+        max_symbols: int | None = None,
+        exchanges: Iterable[str] = (),
+        depth: int = 0,
+    ) -> Subscription: ...
+
+    def when_symbol_lists_loaded(self) -> Deferred[Any]: ...
+
+
 class AggregatorServicer:
     log = Logger()
 
     def __init__(
         self,
-        merger: Merger,
+        merger: SummarySource,
         symbol_list_wait: float = 5.0,
         default_symbol: str = "ethbtc",
         limits: Limits = Limits(),

@@ -32,6 +32,7 @@ from aggregator.health import Health  # noqa: E402
 from aggregator.jsonlog import use_json_log  # noqa: E402
 from aggregator.merger import Merger  # noqa: E402
 from aggregator.metrics_http import MetricsServer  # noqa: E402
+from aggregator.nats.options import NATS_PARAMETERS, check_nats_options  # noqa: E402
 from aggregator.symbols import InvalidSymbol, normalize  # noqa: E402
 from aggregator.tls import BadKeyPair, KeyPair, read_client_ca, read_key_pair  # noqa: E402
 
@@ -117,6 +118,7 @@ class Options(usage.Options):
         ["log-format", None, "text",
          "text, or json: one JSON object per line, where twistd logs "
          "(stdout with -n, else --logfile)."],
+        *NATS_PARAMETERS,  # scaling out (aggregator/nats/options.py)
     ]
 
     def __init__(self) -> None:
@@ -166,6 +168,7 @@ class Options(usage.Options):
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
+        check_nats_options(self)
         # Last: once the command line is known to be right. Only twistd binds
         # (tests build the service directly, on ports of their own).
         if self.parent is not None:
@@ -242,17 +245,9 @@ class DemoWiring(Service):
             feed.rest_url = self.simulator.urls[f"{feed.name}_rest_url"]
 
 
-def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
-    """Children start in this order and stop in reverse: the gRPC server ends
-    the streams first, the simulator (if any) goes last."""
-    if reactor is None:
-        from twisted.internet import reactor
-    root = MultiService()
-    if options["metrics"]:
-        # First to start, last to stop: the metrics cover the whole run.
-        metrics_server = MetricsServer(options["metrics"], reactor)
-        metrics_server.setName("metrics")
-        metrics_server.setServiceParent(root)
+def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueFeed]:
+    """The enabled venues' feeds (and, with --demo, the simulator they use)
+    as children of `root`: the simulator first, so it stops last."""
     feeds = [
         VenueFeed(
             VENUES[name], options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor
@@ -274,6 +269,25 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     for feed in feeds:
         feed.setName(feed.name)
         feed.setServiceParent(root)
+    return feeds
+
+
+def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
+    """Children start in this order and stop in reverse: the gRPC server ends
+    the streams first, the simulator (if any) goes last."""
+    if reactor is None:
+        from twisted.internet import reactor
+    if options["nats-config"] is not None:
+        from aggregator.nats.wiring import make_scaled_service
+
+        return make_scaled_service(options, options["nats-config"], reactor)
+    root = MultiService()
+    if options["metrics"]:
+        # First to start, last to stop: the metrics cover the whole run.
+        metrics_server = MetricsServer(options["metrics"], reactor)
+        metrics_server.setName("metrics")
+        metrics_server.setServiceParent(root)
+    feeds = add_feeds(root, options, reactor)
     merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"])
     merger.setName("merger")
     merger.setServiceParent(root)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from benchmarks import latency as lat
 from benchmarks import procs
+from benchmarks.scaleout import run_scaleout
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Input rate while streams are being opened.
@@ -608,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where latest.json and a dated copy go (default benchmarks/results, "
                              "or benchmarks/results/quick with --quick)")
     parser.add_argument("--logs", type=Path, default=None, help="process logs (default: a temporary directory)")
-    parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout")
+    parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout,nats")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
@@ -649,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             run.latency()
         if not only or "fanout" in only:
             run.fanout()
+        if not only or "nats" in only:
+            run_scaleout(run)  # benchmarks/scaleout.py
     except BaseException:  # a failure, or stopped (SIGINT/SIGTERM): no results file
         ok = False
         raise

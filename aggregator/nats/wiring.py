@@ -1,0 +1,85 @@
+"""The service tree of a daemon started with --nats (tap.makeService hands over).
+
+ingest: metrics, (simulator), feeds, Merger, Bus, Ingest, and on --listen gRPC
+health and reflection only — no streams: clients go to edges, so that a symbol
+is watched by its lease owner only.
+edge: metrics, Bus, Edge, gRPC server (API, health, reflection, limits) fed by Edge.
+both: all of it in one process; its own clients are served through the bus too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+
+from aggregator.grpc_service import API_SERVICES, AggregatorServicer, GrpcServer, Keepalive, Limits
+from aggregator.health import Health
+from aggregator.merger import Merger
+from aggregator.metrics_http import MetricsServer
+from aggregator.nats.bus import Bus
+from aggregator.nats.edge import Edge
+from aggregator.nats.ingest import Ingest
+from aggregator.nats.options import NatsConfig
+from aggregator.nats.readiness import INGEST_SERVICE, HealthServer, IngestReadiness
+
+
+def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> MultiService:
+    """Children start in this order and stop in reverse: gRPC first, the bus after
+    Ingest and Edge (they hand their leases and demand back over it)."""
+    root = MultiService()
+    if options["metrics"]:
+        metrics_server = MetricsServer(options["metrics"], reactor)
+        metrics_server.setName("metrics")
+        metrics_server.setServiceParent(root)
+    merger = None
+    if config.ingest:
+        merger, feeds = _add_exchanges(root, options, reactor)
+    bus = Bus(config, clock=reactor)
+    bus.setName("bus")
+    bus.setServiceParent(root)
+    if merger is not None:
+        ingest = Ingest(
+            bus, merger, pinned=options["symbols"], max_symbols=options["max-symbols"], clock=reactor
+        )
+        ingest.setName("ingest")
+        ingest.setServiceParent(root)
+        if not config.edge:
+            readiness = IngestReadiness(bus, feeds)
+            health = HealthServer(
+                options["listen"], Health([readiness], (INGEST_SERVICE,)), tls=options["tls"]
+            )
+            health.setName("grpc")
+            health.setServiceParent(root)
+    if config.edge:
+        edge = Edge(bus, clock=reactor)
+        edge.setName("edge")
+        edge.setServiceParent(root)
+        servicer = AggregatorServicer(
+            edge,
+            default_symbol=options["default-symbol"],
+            limits=Limits(options["max-streams"], options["max-symbols"]),
+            clock=reactor,
+        )
+        server = GrpcServer(
+            options["listen"],
+            servicer,
+            health=Health([edge], API_SERVICES),
+            tls=options["tls"],
+            keepalive=Keepalive(options["keepalive"], options["keepalive-timeout"]),
+        )
+        server.setName("grpc")
+        server.setServiceParent(root)
+    return root
+
+
+def _add_exchanges(root: MultiService, options: Any, reactor: Any) -> tuple[Merger, list[Any]]:
+    from aggregator.tap import add_feeds
+
+    feeds = add_feeds(root, options, reactor)
+    # No pinned symbols here: --symbols are claimed through leases like any
+    # demand, so two daemons given the same list do not both watch them.
+    merger = Merger(feeds, depth=options["depth"])
+    merger.setName("merger")
+    merger.setServiceParent(root)
+    return merger, feeds
