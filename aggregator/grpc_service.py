@@ -29,6 +29,7 @@ from aggregator.address import CannotListen, is_loopback, split_host_port
 from aggregator.health import SERVICE_NAME as HEALTH_SERVICE_NAME
 from aggregator.health import Health
 from aggregator.merger import (
+    AmbiguousSymbol,
     InvalidView,
     Subscription,
     SymbolListsUnavailable,
@@ -60,6 +61,7 @@ class StreamRequest(NamedTuple):
 
 _REFUSALS = {
     InvalidView: grpc.StatusCode.INVALID_ARGUMENT,
+    AmbiguousSymbol: grpc.StatusCode.INVALID_ARGUMENT,
     UnknownSymbol: grpc.StatusCode.NOT_FOUND,
     TooManySymbols: grpc.StatusCode.RESOURCE_EXHAUSTED,
     SymbolListsUnavailable: grpc.StatusCode.UNAVAILABLE,

@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from aggregator import metrics
 from aggregator._proto import orderbook_pb2
 from aggregator.book import BookState, ExchangeBook, Level
+from aggregator.instruments import Instrument
 from aggregator.wire import encode_summary
 
 MergedLevel = tuple[str, float, float]
@@ -43,6 +44,11 @@ class InvalidView(ValueError):
     """A stream asked for an unknown or disabled exchange, or more levels than served."""
 
 
+class AmbiguousSymbol(InvalidView):
+    """Venues list different markets under one canonical symbol (AB/CDEF and
+    ABC/DEF are both "abcdef"): merging them would mix two instruments."""
+
+
 ViewKey = tuple["frozenset[str] | None", int]
 """(the exchanges a stream merges, None for all; its levels per side)."""
 
@@ -54,6 +60,9 @@ class Feed(Protocol):
 
     def listed_symbols(self) -> frozenset[str] | None:
         """Canonical symbols the exchange trades; None until the list is loaded."""
+
+    def instrument(self, symbol: str) -> Instrument:
+        """The exchange's market behind a symbol it lists."""
 
     def when_symbols_loaded(self) -> Deferred[Any]:
         """Fires (with None) once listed_symbols() is not None."""
@@ -313,6 +322,15 @@ class Merger(Service):
             elif symbol in symbols:
                 listing.append(feed)
         if listing:
+            markets = {(feed.instrument(symbol).base, feed.instrument(symbol).quote) for feed in listing}
+            if len(markets) > 1:
+                described = ", ".join(
+                    f"{feed.name} {feed.instrument(symbol).base}/{feed.instrument(symbol).quote}"
+                    for feed in listing
+                )
+                raise AmbiguousSymbol(
+                    f"symbol {symbol!r} names different markets ({described}): not merged"
+                )
             return listing
         if pending:
             raise SymbolListsUnavailable(

@@ -19,6 +19,13 @@ class FakeFeed:
     def listed_symbols(self):
         return self._symbols
 
+    def instrument(self, symbol):
+        from aggregator.instruments import Instrument
+
+        markets = getattr(self, "markets", {})
+        base, quote = markets.get(symbol, (symbol[:3].upper(), symbol[3:].upper()))
+        return Instrument(symbol.upper(), base, quote)
+
     def when_symbols_loaded(self) -> Deferred:
         if self._symbols is not None:
             return succeed(None)

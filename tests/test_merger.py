@@ -293,3 +293,18 @@ def test_a_view_is_dropped_with_its_last_stream(merger):
     assert len(state.views) == 1
     keeper.close()
     assert "ethbtc" not in merger._symbols
+
+
+def test_two_markets_under_one_symbol_are_never_merged():
+    """AB/CDEF on one venue and ABC/DEF on another are both "abcdef"."""
+    from aggregator.merger import AmbiguousSymbol
+
+    one, other = FakeFeed("binance", {"abcdef", "ethbtc"}), FakeFeed("bitstamp", {"abcdef", "ethbtc"})
+    one.markets, other.markets = {"abcdef": ("AB", "CDEF")}, {"abcdef": ("ABC", "DEF")}
+    merger = Merger([one, other], depth=3)
+    merger.startService()
+    with pytest.raises(AmbiguousSymbol, match="binance AB/CDEF, bitstamp ABC/DEF"):
+        merger.subscribe("abcdef")
+    assert one.watched == other.watched == []
+    merger.subscribe("ethbtc")  # the others are served as usual
+    merger.stopService()

@@ -27,7 +27,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from aggregator.merger import Merger, Subscription, SymbolListsUnavailable, UnknownSymbol
+from aggregator.merger import (
+    AmbiguousSymbol,
+    Merger,
+    Subscription,
+    SymbolListsUnavailable,
+    UnknownSymbol,
+)
 from aggregator.nats import metrics
 from aggregator.nats.bus import Bus
 from aggregator.nats.keys import KeyView, read_bucket, subscribe_view
@@ -165,7 +171,7 @@ class Ingest(Service):
         for symbol in symbols:
             try:
                 self.merger.listing_feeds(symbol)
-            except (UnknownSymbol, SymbolListsUnavailable):
+            except (UnknownSymbol, SymbolListsUnavailable, AmbiguousSymbol):
                 continue
             wanted.add(symbol)
         return wanted
