@@ -201,12 +201,17 @@ class _Protocol:
 
 
 class _StaticFeed:
-    """A second exchange whose books are a fixed snapshot, live at once."""
+    """A second exchange whose books are a fixed snapshot, live at once. It
+    lists the same markets as `twin` (the Binance feed)."""
 
     name = "bitstamp"
 
-    def __init__(self, books: dict[str, tuple[list[Level], list[Level]]]) -> None:
+    def __init__(self, books: dict[str, tuple[list[Level], list[Level]]], twin: Any) -> None:
         self._books = books
+        self._twin = twin
+
+    def instrument(self, symbol: str) -> Any:
+        return self._twin.instrument(symbol)
 
     def listed_symbols(self) -> frozenset[str]:
         return frozenset(self._books)
@@ -250,7 +255,7 @@ class OurPath:
         self.feed.startService()  # the symbol list loads at once from _Http
         if self.feed.listed_symbols() is None:
             raise RuntimeError("book path: the feed did not take the symbol list")
-        self.merger = Merger([self.feed, _StaticFeed(seq.bitstamp)], depth=10)
+        self.merger = Merger([self.feed, _StaticFeed(seq.bitstamp, self.feed)], depth=10)
         self.merger.startService()
         self.delivered = 0
         for symbol in seq.snapshots:
