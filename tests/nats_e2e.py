@@ -83,8 +83,8 @@ class DaemonProcess:
 def ingest_subscriptions(sim, symbol: str) -> dict[str, int]:
     """Websocket subscriptions the simulator serves for `symbol`, per exchange."""
     return {
-        "binance": sim._factory("binance").hub.subscribers(f"{symbol}@depth@100ms"),
-        "bitstamp": sim._factory("bitstamp").hub.subscribers(f"order_book_{symbol}"),
+        "binance": sim._venues["binance"].hub.subscribers(f"{symbol}@depth@100ms"),
+        "bitstamp": sim._venues["bitstamp"].hub.subscribers(f"order_book_{symbol}"),
     }
 
 
