@@ -297,8 +297,13 @@ def test_rewatched_while_still_streaming_gets_a_new_snapshot():
     h.live()
     h.feed.unwatch("btcusd")
     h.feed.watch(h.books["btcusd"])  # before the unsubscribe left: still streaming
+    # Updates were not followed meanwhile: the levels are not vouched for.
+    assert h.books["btcusd"].state is BookState.SYNCING
     h.pump()
     assert [f["method"] for f in h.protocol.frames()[-2:]] == ["unsubscribe", "subscribe"]
+    h.receive(ack("BTC/USD", h.subscribes()[-1]["req_id"]))
+    h.receive(book("snapshot", "BTC/USD", BIDS, ASKS))
+    assert h.books["btcusd"].state is BookState.LIVE
 
 
 def test_handover_keeps_the_book_live_from_the_successors_own_stream():
@@ -338,6 +343,7 @@ def test_handover_before_the_successors_snapshot_starts_over_there():
     successor.connection_opened(new)
     h.pump(h.feed.settings.handover_overlap + 1)
     assert h.feed.connections[0] is successor
+    assert h.books["btcusd"].state is BookState.SYNCING  # the old stream is gone
     assert [f["method"] for f in new.frames()][-2:] == ["unsubscribe", "subscribe"]
 
 

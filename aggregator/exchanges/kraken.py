@@ -231,6 +231,11 @@ class BookSync:
         else:
             self.book.commit(arrival)
 
+    def successor_subscribed(self) -> None:
+        """The connection taking over acknowledged: its snapshot comes next."""
+        self.shadow_synced = False
+        self.shadow.clear()
+
     def successor_message(self, kind: str, data: dict[str, Any]) -> None:
         """A book message from the connection taking over (kept aside until handover)."""
         if kind == "update" and not self.shadow_synced:
@@ -249,8 +254,11 @@ class BookSync:
         synced, self.shadow_synced = self.shadow_synced, False
         shadow, self.shadow = self.shadow, OrderBook()
         if not synced:
-            # The successor's snapshot is not (or not rightly) in: start over there.
-            self.restart("handover before the new connection's snapshot")
+            # The successor's snapshot is not (or not rightly) in, and the old
+            # stream is gone: withhold the book and start over there.
+            reason = "handover before the new connection's snapshot"
+            self.book.mark_syncing(reason)
+            self.restart(reason)
             return
         bids, asks = shadow.depth()
         self.book.book.replace(shadow.top_bids(bids), shadow.top_asks(asks))
@@ -388,8 +396,11 @@ class KrakenAdapter:
             self.context, book, connection, self._depth([book.symbol])
         )
         if subscribed:
-            # Streaming already, but its snapshot is long gone: get a new one.
-            sync.restart("still subscribed; a new snapshot is needed")
+            # Streaming already, but its snapshot is long gone (and updates
+            # were not followed meanwhile): withhold the book, get a new one.
+            reason = "still subscribed; a new snapshot is needed"
+            book.mark_syncing(reason)
+            sync.restart(reason)
 
     def synced_on(self, symbol: str) -> Connection | None:
         sync = self.syncs.get(symbol)
@@ -475,12 +486,11 @@ class KrakenAdapter:
             return
         for acknowledged in symbols:
             sync = self.syncs.get(acknowledged)
-            # Either connection of a handover may answer: both carry the stream.
-            if sync is not None and (
-                connection is sync.connection
-                or self.context.predecessor(connection) is sync.connection
-            ):
-                if connection is sync.connection:
-                    sync.subscribed()
-                else:
-                    sync.shadow_synced = False
+            if sync is None:
+                continue
+            # During a handover the successor subscribes too: its snapshot
+            # (next) starts the shadow book, not the one clients see.
+            if connection is sync.connection:
+                sync.subscribed()
+            elif self.context.predecessor(connection) is sync.connection:
+                sync.successor_subscribed()

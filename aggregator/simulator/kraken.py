@@ -82,13 +82,12 @@ def decimals_of(text: str) -> int:
     return len(fraction)
 
 
-def pair_entry(base: str, quote: str, pair_decimals: int, lot_decimals: int) -> tuple[str, dict]:
-    """(result key, AssetPairs entry) in Kraken's naming."""
+def pair_entry(base: str, quote: str, pair_decimals: int, lot_decimals: int) -> dict:
+    """An AssetPairs entry in Kraken's naming (its result key is base + quote: XXBTZUSD)."""
     legacy_base = LEGACY_CODES.get(base, base)
     legacy_quote = LEGACY_CODES.get(quote, quote)
     ws_base, ws_quote = V1_NAMES.get(base, base), V1_NAMES.get(quote, quote)
-    key = legacy_base + legacy_quote
-    return key, {
+    return {
         "altname": ws_base + ws_quote,
         "wsname": f"{ws_base}/{ws_quote}",
         "aclass_base": "currency",
@@ -110,7 +109,7 @@ def v2_name(entry: dict) -> str:
 
 
 def asset_pairs(markets: Mapping[str, Market], listings: Mapping[str, dict]) -> dict[str, dict]:
-    """symbol → (key, entry) of every served pair: a generated pair's listing, or one made
+    """symbol → AssetPairs entry of every served pair: a generated pair's listing, or one made
     with the precision the market's strings are written at."""
     entries = {}
     for symbol, market in sorted(markets.items()):
@@ -119,8 +118,7 @@ def asset_pairs(markets: Mapping[str, Market], listings: Mapping[str, dict]) -> 
             continue
         bids, asks = market.book.levels(1)
         level = (bids or asks or [("0", "0")])[0]
-        _, entry = pair_entry(*split_symbol(symbol), decimals_of(level[0]), decimals_of(level[1]))
-        entries[symbol] = entry
+        entries[symbol] = pair_entry(*split_symbol(symbol), decimals_of(level[0]), decimals_of(level[1]))
     return entries
 
 
@@ -425,7 +423,7 @@ class AssetPairsResource(Resource):
 
     def __init__(self, pairs: Mapping[str, dict], stale: dict[str, int]):
         super().__init__()
-        result = dict(pair_entry_key(entry, pair) for pair, entry in pairs.items())
+        result = {entry["base"] + entry["quote"]: entry for entry in pairs.values()}
         self._body = orjson.dumps({"error": [], "result": result})
         # The stale-snapshot fault is the websocket hub's (Kraken has no REST book snapshot
         # matching the stream): the hub's dict, shared.
@@ -437,10 +435,6 @@ class AssetPairsResource(Resource):
             return self._body
         request.setResponseCode(404)
         return orjson.dumps({"error": ["EGeneral:Unknown method"]})
-
-
-def pair_entry_key(entry: dict, symbol: str) -> tuple[str, dict]:
-    return entry.get("base", "") + entry.get("quote", "") or symbol.upper(), entry
 
 
 class KrakenVenue(Venue):
@@ -469,7 +463,7 @@ class KrakenVenue(Venue):
 
     @staticmethod
     def scale_listing(spec: ScaleSpec) -> dict:
-        return pair_entry(spec.base, spec.quote, spec.tick_exp, 8)[1]
+        return pair_entry(spec.base, spec.quote, spec.tick_exp, 8)
 
     def lose_next_update(self, symbol: str) -> None:
         # No sequence numbers: the next update's checksum is what shows the loss.
