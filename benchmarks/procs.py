@@ -240,6 +240,8 @@ class Daemon:
             "aggregator",
             "--listen", self.address,
             "--metrics", f"127.0.0.1:{self.metrics_port}",
+            # The venues measured here; never a live venue's default URL.
+            "--exchanges", "binance,bitstamp",
             "--binance-ws-url", urls["binance_ws_url"],
             "--binance-rest-url", urls["binance_rest_url"],
             "--bitstamp-ws-url", urls["bitstamp_ws_url"],

@@ -72,7 +72,8 @@ class NatsDaemon(procs.Daemon):
             "--max-streams", str(max_streams), "--max-symbols", str(max(100, len(symbols))),
         ]
         if urls is not None:
-            argv += ["--binance-ws-url", urls["binance_ws_url"], "--binance-rest-url", urls["binance_rest_url"],
+            argv += ["--exchanges", "binance,bitstamp",
+                     "--binance-ws-url", urls["binance_ws_url"], "--binance-rest-url", urls["binance_rest_url"],
                      "--bitstamp-ws-url", urls["bitstamp_ws_url"], "--bitstamp-rest-url", urls["bitstamp_rest_url"]]
         if symbols:
             argv += ["--symbols", ",".join(symbols)]

@@ -108,6 +108,7 @@ async def soak(args: argparse.Namespace) -> int:
         ["taskset", "-c", "0", str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
          f"--logfile={log_path}", "aggregator", "--listen", f"127.0.0.1:{port}",
          f"--max-symbols={len(symbols)}", f"--max-streams={len(symbols) + args.clients}",
+         f"--exchanges={','.join(EXCHANGES)}",
          *[f"--{k.replace('_', '-')}={v}" for k, v in sim.urls.items()]],
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from aggregator.simulator.venues import EXCHANGES
 from tests.e2e import plugin
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +38,11 @@ def grpc_port(daemon) -> int:
 
 
 def sim_args(sim) -> list[str]:
-    return [
-        "--binance-ws-url", sim.urls["binance_ws_url"],
-        "--binance-rest-url", sim.urls["binance_rest_url"],
-        "--bitstamp-ws-url", sim.urls["bitstamp_ws_url"],
-        "--bitstamp-rest-url", sim.urls["bitstamp_rest_url"],
-    ]
+    """Every simulated venue, each at the simulator's URLs (never a live one)."""
+    args = ["--exchanges", ",".join(EXCHANGES)]
+    for key, url in sim.urls.items():
+        args += [f"--{key.replace('_', '-')}", url]
+    return args
 
 
 class DaemonProcess:
