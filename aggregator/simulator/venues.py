@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .binance import BinanceVenue
 from .bitstamp import BitstampVenue
+from .bybit import BybitVenue
 from .venue import Venue
 
-VENUES: tuple[type[Venue], ...] = (BinanceVenue, BitstampVenue)
+VENUES: tuple[type[Venue], ...] = (BinanceVenue, BitstampVenue, BybitVenue)
 EXCHANGES = tuple(venue.name for venue in VENUES)
