@@ -116,7 +116,7 @@ class TopicSync:
     # -- inputs -----------------------------------------------------------------
 
     def subscribe_refused(self, error: object) -> None:
-        self.resync(f"subscription refused ({error})", "refused", BookState.SYNCING)
+        self.resync(f"subscription refused ({error})", "refused", BookState.SYNCING, backoff=True)
 
     def unsubscribed(self) -> None:
         """The resync's unsubscribe was answered: what follows is the new subscription's."""
@@ -235,8 +235,14 @@ class TopicSync:
 
     # -- resync -------------------------------------------------------------------
 
-    def resync(self, reason: str, cause: str, state: BookState = BookState.STALE) -> None:
-        """Withdraw the book; unsubscribe the topic and subscribe it again (a fresh snapshot)."""
+    def resync(
+        self, reason: str, cause: str, state: BookState = BookState.STALE, backoff: bool = False
+    ) -> None:
+        """Withdraw the book; unsubscribe the topic and subscribe it again (a fresh snapshot).
+
+        A data problem is resubscribed at once the first time (the venue is
+        fine, our copy is not); a refused or unanswered subscription waits
+        (`backoff`), and every repeat waits longer."""
         self.log.warn("bybit {symbol}: resync ({reason})", symbol=self.symbol, reason=reason)
         metrics.RESYNCS.labels("bybit", cause).inc()
         self.book.withdraw(state, reason)
@@ -244,7 +250,7 @@ class TopicSync:
         self.last_u = 0
         self.ahead.clear()
         self.draining = True
-        delay = self.context.retry_delay(self.attempts) if self.attempts else 0.0
+        delay = self.context.retry_delay(self.attempts) if self.attempts or backoff else 0.0
         self.attempts += 1
         # Queued ahead of the subscribe: the venue answers in order, so its
         # reply marks the end of the old subscription's messages.
@@ -343,7 +349,7 @@ class BybitAdapter:
         for symbol in symbols:
             sync = self.syncs.get(symbol)
             if sync is not None and sync.connection is connection:
-                sync.resync("no reply to subscribe", "timeout", BookState.SYNCING)
+                sync.resync("no reply to subscribe", "timeout", BookState.SYNCING, backoff=True)
 
     # -- syncs ---------------------------------------------------------------------
 
