@@ -32,6 +32,7 @@ class Harness(FeedHarness):
     def __init__(self, symbols=("ethbtc",), listed=()):
         super().__init__(BybitAdapter, symbols, start_time=1700000000,
                          document=listing([*symbols, *listed]))
+        self.feed.retry_policy = lambda attempt: 0.5 * (attempt + 1)  # no jitter
 
     def sent(self, protocol=None):
         for _ in range(5):
@@ -138,8 +139,10 @@ def test_a_snapshot_mid_stream_replaces_the_book():
     h = Harness()
     h.live(u=100, bids=[("1.0", "1"), ("0.9", "2")])
     resyncs = sum(metric("resyncs", exchange="bybit", reason=r) for r in ("gap", "bad_data"))
+    resets = metric("book_resets", exchange="bybit", reason="snapshot")
     h.receive(book_message("snapshot", 150, [("1.1", "5")], [("2.2", "1")]))
     assert h.book.state is BookState.LIVE
+    assert metric("book_resets", exchange="bybit", reason="snapshot") == resets + 1
     assert h.book.book.top_bids(5) == [(1.1, 5.0)] and h.book.book.top_asks(5) == [(2.2, 1.0)]
     h.receive(book_message("delta", 151, bids=[("1.05", "1")]))
     assert h.book.book.top_bids(5) == [(1.1, 5.0), (1.05, 1.0)]
@@ -150,8 +153,10 @@ def test_a_snapshot_mid_stream_replaces_the_book():
 def test_u_1_means_the_service_restarted_and_overwrites_the_book(kind):
     h = Harness()
     h.live(u=5000, bids=[("1.0", "1"), ("0.9", "2")])
+    resets = metric("book_resets", exchange="bybit", reason="restart")
     h.receive(book_message(kind, 1, [("0.8", "1")], [("2.0", "3")]))
     assert h.book.state is BookState.LIVE
+    assert metric("book_resets", exchange="bybit", reason="restart") == resets + 1
     assert h.book.book.top_bids(5) == [(0.8, 1.0)] and h.book.book.top_asks(5) == [(2.0, 3.0)]
     h.receive(book_message("delta", 2, bids=[("0.85", "1")]))
     assert h.book.book.top_bids(1) == [(0.85, 1.0)]

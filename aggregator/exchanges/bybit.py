@@ -135,7 +135,8 @@ class TopicSync:
         if kind == "snapshot" or u == 1:
             if from_successor and self.state is SyncState.LIVE and 1 < u <= self.last_u:
                 return  # the successor's own (older) starting point
-            self.snapshot(data, u, arrival, "restart" if u == 1 else "snapshot")
+            what = "restart" if u == 1 else "snapshot"
+            self.snapshot(data, u, arrival, "successor's " + what if from_successor else what)
         elif kind == "delta":
             if self.state is SyncState.LIVE:
                 self.delta(data, u, arrival, from_successor)
@@ -157,6 +158,10 @@ class TopicSync:
         was_live = self.book.live
         self._set_state(SyncState.LIVE, f"{what} u={u}")
         if was_live:
+            if what in ("snapshot", "restart"):  # the venue's reset, not a successor's start
+                metrics.BOOK_RESETS.labels("bybit", what).inc()
+                self.log.info("bybit {symbol}: book replaced by a {what} (u={u})",
+                              symbol=self.symbol, what=what, u=u)
             self.book.commit(arrival)
         else:
             self.book.go_live(arrival)
