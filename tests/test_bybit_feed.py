@@ -328,3 +328,21 @@ def test_handover_with_the_successor_ahead_of_a_gap_resyncs():
     assert h.feed.adapter.syncs["ethbtc"].state is SyncState.SUBSCRIBING
     frames = h.sent(protocol)
     assert [f["op"] for f in frames[-2:]] == ["unsubscribe", "subscribe"]
+
+
+def test_handover_during_a_resync_resubscribes_on_the_successor():
+    h = Harness()
+    h.live(u=100)
+    successor, protocol = successor_of(h)
+    h.reply(h.sent(protocol)[0], protocol_receive=successor.message_received)
+    successor.message_received(book_message("snapshot", 100, [("1", "1")], [("2", "1")]))
+    h.receive(book_message("delta", 103))  # a gap on the old connection: its resync begins
+    assert h.book.state is BookState.STALE
+    h.clock.advance(h.feed.settings.handover_overlap + 1)
+    assert h.feed.connections == [successor]
+    unsubscribe, subscribe = h.sent(protocol)[-2:]
+    assert (unsubscribe["op"], subscribe["op"]) == ("unsubscribe", "subscribe")
+    h.reply(unsubscribe, protocol_receive=successor.message_received)
+    h.reply(subscribe, protocol_receive=successor.message_received)
+    successor.message_received(book_message("snapshot", 120, [("1.5", "1")], [("2", "1")]))
+    assert h.book.state is BookState.LIVE and h.book.book.top_bids(1) == [(1.5, 1.0)]

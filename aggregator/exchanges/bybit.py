@@ -185,6 +185,10 @@ class TopicSync:
         if self.state is SyncState.LIVE and self.ahead:
             self.resync(f"gap at handover: expected u={self.last_u + 1}, "
                         f"successor at {min(self.ahead)}", "gap")
+        elif self.state is SyncState.SUBSCRIBING:
+            # Waiting on the old connection (a resync, or its first snapshot),
+            # and `connection`'s own snapshot came too early to count: ask it for one.
+            self._resubscribe()
 
     # -- the transaction ----------------------------------------------------------
 
@@ -252,6 +256,9 @@ class TopicSync:
         metrics.RESYNCS.labels("bybit", cause).inc()
         self.book.withdraw(state, reason)
         self._set_state(SyncState.SUBSCRIBING, reason)
+        self._resubscribe(backoff)
+
+    def _resubscribe(self, backoff: bool = False) -> None:
         self.last_u = 0
         self.ahead.clear()
         self.draining = True
