@@ -81,7 +81,7 @@ async def merged(call, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         summary = await within(call.read(), timeout)
-        if {l.exchange for l in summary.bids} == {"binance", "bitstamp"}:
+        if {"binance", "bitstamp"} <= {l.exchange for l in summary.bids}:
             return summary
     raise AssertionError("no merged Summary")
 
@@ -99,7 +99,8 @@ async def test_challenge_api_streams_the_default_symbol(sim):
             summary = await merged(call)
             assert summary.spread == summary.asks[0].price - summary.bids[0].price
             # The additive fields, filled in.
-            assert [(e.exchange, e.state) for e in summary.exchanges] == [
+            states = [(e.exchange, e.state) for e in summary.exchanges]
+            assert states[:2] == [
                 ("binance", orderbook_pb2.ExchangeState.LIVE),
                 ("bitstamp", orderbook_pb2.ExchangeState.LIVE),
             ]
