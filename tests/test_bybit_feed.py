@@ -346,3 +346,14 @@ def test_handover_during_a_resync_resubscribes_on_the_successor():
     h.reply(subscribe, protocol_receive=successor.message_received)
     successor.message_received(book_message("snapshot", 120, [("1.5", "1")], [("2", "1")]))
     assert h.book.state is BookState.LIVE and h.book.book.top_bids(1) == [(1.5, 1.0)]
+
+
+def test_unwatching_a_deeper_book_unsubscribes_its_own_topic():
+    h = Harness([], listed=["ethbtc"])
+    h.feed.watch(ExchangeBook("bybit", "ethbtc", h.changes.append, depth=100))
+    assert h.sent()[0]["args"] == ["orderbook.200.ETHBTC"]
+    h.feed.unwatch("ethbtc")
+    unsubscribe = h.sent()[-1]
+    assert (unsubscribe["op"], unsubscribe["args"]) == ("unsubscribe", ["orderbook.200.ETHBTC"])
+    h.receive(book_message("snapshot", 5, [("1", "1")], [("2", "1")], depth=200))  # late: ignored
+    assert h.feed.adapter.syncs == {}

@@ -124,14 +124,14 @@ class TopicSync:
 
     def message(self, kind: object, data: dict[str, Any], arrival: float,
                 from_successor: bool = False) -> None:
+        if self.draining and not from_successor:
+            return  # the old subscription's, before our unsubscribe took effect
         u = data.get("u")
         if type(u) is not int or u < 1:
             self.context.reject("bad_ids", "bybit {symbol}: malformed update id u={u!r}",
                                 symbol=self.symbol, u=u)
             self.resync(f"malformed update id {u!r}", "bad_data")
             return
-        if self.draining and not from_successor:
-            return  # the old subscription's, before our unsubscribe took effect
         if kind == "snapshot" or u == 1:
             if from_successor and self.state is SyncState.LIVE and 1 < u <= self.last_u:
                 return  # the successor's own (older) starting point
@@ -289,7 +289,9 @@ class BybitAdapter:
         self._next_id = 1
         # (connection, req_id) → (op, symbols), until answered.
         self._requests: dict[tuple[Connection, str], tuple[str, list[str]]] = {}
-        # The topic each symbol was subscribed with: its unsubscribe must name the same.
+        # The topic each symbol was subscribed with: its unsubscribes (on each
+        # connection of a handover, after its book is gone) must name the same.
+        # Bounded by the venue's symbol count.
         self._topics: dict[str, str] = {}
         self._replies = PendingReplies(
             context.reactor, self.settings.reply_timeout, self._unanswered
@@ -335,9 +337,6 @@ class BybitAdapter:
         self._requests[(connection, req_id)] = (op, symbols)
         self._replies.expect(connection, req_id, symbols)
         topics = [self._topics.get(symbol) or self._topic(symbol) for symbol in symbols]
-        if op == "unsubscribe":
-            for symbol in symbols:
-                self._topics.pop(symbol, None)
         return {"req_id": req_id, "op": op, "args": topics}
 
     def _send_unsubscribe(self, connection: Connection, symbols: list[str]) -> None:
