@@ -357,3 +357,13 @@ def test_unwatching_a_deeper_book_unsubscribes_its_own_topic():
     assert (unsubscribe["op"], unsubscribe["args"]) == ("unsubscribe", ["orderbook.200.ETHBTC"])
     h.receive(book_message("snapshot", 5, [("1", "1")], [("2", "1")], depth=200))  # late: ignored
     assert h.feed.adapter.syncs == {}
+
+
+@pytest.mark.parametrize("data", [None, [], "x"])
+def test_a_message_without_data_is_rejected_and_resynced(data):
+    h = Harness()
+    h.live(u=100)
+    rejects = metric("rejects", exchange="bybit", reason="bad_data")
+    h.receive(orjson.dumps({"topic": "orderbook.50.ETHBTC", "type": "delta", "data": data}))
+    assert h.book.state is BookState.STALE
+    assert metric("rejects", exchange="bybit", reason="bad_data") == rejects + 1

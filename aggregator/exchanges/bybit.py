@@ -122,10 +122,15 @@ class TopicSync:
         """The resync's unsubscribe was answered: what follows is the new subscription's."""
         self.draining = False
 
-    def message(self, kind: object, data: dict[str, Any], arrival: float,
+    def message(self, kind: object, data: Any, arrival: float,
                 from_successor: bool = False) -> None:
         if self.draining and not from_successor:
             return  # the old subscription's, before our unsubscribe took effect
+        if not isinstance(data, dict):
+            self.context.reject("bad_data", "bybit {symbol}: message without data",
+                                symbol=self.symbol)
+            self.resync("message without data", "bad_data")
+            return
         u = data.get("u")
         if type(u) is not int or u < 1:
             self.context.reject("bad_ids", "bybit {symbol}: malformed update id u={u!r}",
@@ -427,13 +432,7 @@ class BybitAdapter:
             from_successor = True
         else:
             return  # a connection handed over, or not carrying it
-        data = message.get("data")
-        if not isinstance(data, dict):
-            self.context.reject("bad_data", "bybit {symbol}: message without data",
-                                symbol=sync.symbol)
-            sync.resync("message without data", "bad_data")
-            return
-        sync.message(message.get("type"), data, arrival, from_successor)
+        sync.message(message.get("type"), message.get("data"), arrival, from_successor)
 
     def _reply(self, connection: Connection, message: dict[str, Any]) -> None:
         req_id = message.get("req_id")
