@@ -144,6 +144,7 @@ class TopicHub:
         self._clock = clock
         self._prepare = prepare
         self.topics: dict[str, Topic] = {}
+        self._by_symbol: dict[str, list[Topic]] = {}  # each change event looks up its own
         self.frames_sent = 0
         self.frames_by_symbol: Counter[str] = Counter()
         self.frame_listeners: list[Callable[[str, bytes], None]] = []
@@ -157,6 +158,7 @@ class TopicHub:
             if m is None or market is None:
                 return None
             topic = self.topics[name] = Topic(name, int(m.group(1)), market)
+            self._by_symbol.setdefault(market.symbol, []).append(topic)
         return topic
 
     def subscribed_symbols(self) -> list[str]:
@@ -176,7 +178,7 @@ class TopicHub:
             self.unsubscribe(socket, topic)
 
     def _live(self, symbol: str) -> list[Topic]:
-        return [t for t in self.topics.values() if t.market.symbol == symbol and t.sockets]
+        return [t for t in self._by_symbol.get(symbol, ()) if t.sockets]
 
     # -- faults -------------------------------------------------------------------
 
@@ -286,6 +288,7 @@ class BybitProtocol(SimServerProtocol):
 
     def connectionMade(self) -> None:
         self.topics: dict[str, Topic] = {}
+        self._by_symbol: dict[str, list[Topic]] = {}  # each change event looks up its own
         self.conn_id = f"sim-{id(self):x}"
         super().connectionMade()
 
