@@ -15,9 +15,11 @@ Channel depth: 50 by default (the served depth is 10). The 50-level topic
 is pushed every 20 ms, 200 and 1000 only every 200 ms; level 1 carries a
 single level. So the smallest of 50/200/1000 that covers the book's served
 depth is chosen per symbol: depths up to 50 get the fast topic, deeper
-books pay the slower push. Bybit keeps the client's copy of the topic at
-that depth (levels leaving the window are deleted), so the book never needs
-a horizon check; anything it holds beyond the window is trimmed.
+books pay the slower push, and a depth above 1000 (Bybit's deepest topic)
+gets at most 1000 levels per side. Bybit keeps the client's copy of the topic at
+that depth (levels leaving the window are deleted; PROTOCOLS marks this
+unverified), so the book needs no horizon check; anything it holds beyond
+the window is trimmed.
 """
 
 from __future__ import annotations
