@@ -78,3 +78,12 @@ TLS_HANDSHAKES_REFUSED = Counter(
     "TLS handshakes on the gRPC port that failed (e.g. no client certificate, or one the "
     "--tls-client-ca did not sign), as gRPC's own log reports them",
 )
+
+# -- Bybit --------------------------------------------------------------------
+# Bybit re-sends a snapshot mid-stream after a problem on its side, and one
+# with u = 1 after a service restart: the book is replaced, no resync needed.
+BOOK_RESETS = Counter(
+    "aggregator_book_resets",
+    "Live books replaced by a snapshot the venue sent mid-stream, by cause (snapshot, restart).",
+    ["exchange", "reason"],
+)

@@ -2,11 +2,13 @@
 
 from aggregator.exchanges.binance import BinanceAdapter
 from aggregator.exchanges.bitstamp import BitstampAdapter
+from aggregator.exchanges.bybit import BybitAdapter
 from aggregator.exchanges.kraken import KrakenAdapter
 from aggregator.exchanges.venue import AdapterFactory
 
 VENUES: dict[str, AdapterFactory] = {
     BinanceAdapter.name: BinanceAdapter,
     BitstampAdapter.name: BitstampAdapter,
+    BybitAdapter.name: BybitAdapter,
     KrakenAdapter.name: KrakenAdapter,
 }
