@@ -2,9 +2,11 @@
 
 from aggregator.exchanges.binance import BinanceAdapter
 from aggregator.exchanges.bitstamp import BitstampAdapter
+from aggregator.exchanges.coinbase import CoinbaseAdapter
 from aggregator.exchanges.venue import AdapterFactory
 
 VENUES: dict[str, AdapterFactory] = {
     BinanceAdapter.name: BinanceAdapter,
     BitstampAdapter.name: BitstampAdapter,
+    CoinbaseAdapter.name: CoinbaseAdapter,
 }

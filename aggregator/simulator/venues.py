@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from .binance import BinanceVenue
 from .bitstamp import BitstampVenue
+from .coinbase import CoinbaseVenue
 from .venue import Venue
 
-VENUES: tuple[type[Venue], ...] = (BinanceVenue, BitstampVenue)
+VENUES: tuple[type[Venue], ...] = (BinanceVenue, BitstampVenue, CoinbaseVenue)
 EXCHANGES = tuple(venue.name for venue in VENUES)
