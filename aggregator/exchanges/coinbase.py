@@ -311,12 +311,14 @@ class CoinbaseAdapter:
         connection.send(self._frame("subscribe", symbols))
 
     def _heartbeats(self, connection: Connection) -> None:
-        """Subscribe the socket's heartbeats, once."""
+        """Subscribe the socket's heartbeats, once. Queued from the next reactor
+        turn: subscribe_frame runs inside the connection's send loop, which a
+        send() of its own must not re-enter."""
         session = self._session(connection)
         if not session.heartbeats_subscribed:
             session.heartbeats_subscribed = True
             session.last_heartbeat = self.context.reactor.seconds()
-            connection.send(HEARTBEATS_SUBSCRIBE)
+            self.context.reactor.callLater(0, connection.send, HEARTBEATS_SUBSCRIBE)
 
     def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
         metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
