@@ -109,8 +109,8 @@ async def test_synthetic_books_merge_across_both_exchanges():
         await aio(wait_until(done, timeout=30))
         for shown, symbol in zip(("ETH-BTC", "btcusdt"), symbols):
             summary = watcher.latest[shown]
-            assert {l.exchange for l in summary.bids} == {"binance", "bitstamp"}
-            assert {l.exchange for l in summary.asks} == {"binance", "bitstamp"}
+            assert {l.exchange for l in summary.bids} >= {"binance", "bitstamp"}
+            assert {l.exchange for l in summary.asks} >= {"binance", "bitstamp"}
             assert summary.spread == summary.asks[0].price - summary.bids[0].price
         assert watcher.errors == []
     finally:
