@@ -224,6 +224,12 @@ class Session:
     heartbeats_subscribed: bool = False
     broken: bool = False  # a gap was seen: being dropped, nothing on it counts
     replacing: bool = False  # heartbeats stopped: a successor was asked for
+    heartbeats_call: IDelayedCall | None = None  # the heartbeats subscription, queued
+
+    def close(self) -> None:
+        if self.heartbeats_call is not None and self.heartbeats_call.active():
+            self.heartbeats_call.cancel()
+        self.heartbeats_call = None
 
 
 class CoinbaseAdapter:
@@ -318,7 +324,9 @@ class CoinbaseAdapter:
         if not session.heartbeats_subscribed:
             session.heartbeats_subscribed = True
             session.last_heartbeat = self.context.reactor.seconds()
-            self.context.reactor.callLater(0, connection.send, HEARTBEATS_SUBSCRIBE)
+            session.heartbeats_call = self.context.reactor.callLater(
+                0, connection.send, HEARTBEATS_SUBSCRIBE
+            )
 
     def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
         metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
@@ -349,7 +357,9 @@ class CoinbaseAdapter:
 
     def connection_reset(self, connection: Connection) -> None:
         self._replies.forget(connection)
-        self.sessions.pop(connection, None)
+        session = self.sessions.pop(connection, None)
+        if session is not None:
+            session.close()
 
     def handover(self, old: Connection, new: Connection) -> None:
         for sync in self.syncs.values():
@@ -370,6 +380,8 @@ class CoinbaseAdapter:
         if self._watchdog is not None and self._watchdog.running:
             self._watchdog.stop()
         self._watchdog = None
+        for session in self.sessions.values():
+            session.close()
         self.sessions.clear()
 
     # -- sockets: sequence and heartbeats ----------------------------------------------
@@ -377,6 +389,8 @@ class CoinbaseAdapter:
     def _session(self, connection: Connection) -> Session:
         session = self.sessions.get(connection)
         if session is None or session.opens != connection.opens:
+            if session is not None:
+                session.close()
             session = self.sessions[connection] = Session(
                 connection.opens, self.context.reactor.seconds()
             )
@@ -390,7 +404,7 @@ class CoinbaseAdapter:
         now = self.context.reactor.seconds()
         for connection, session in list(self.sessions.items()):
             if not connection.connected or connection.opens != session.opens:
-                del self.sessions[connection]  # that socket is gone
+                self.sessions.pop(connection).close()  # that socket is gone
                 continue
             if not session.heartbeats_subscribed or session.broken or session.replacing:
                 continue
