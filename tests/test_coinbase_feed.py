@@ -272,7 +272,20 @@ def test_unknown_channels_are_ignored_but_counted_in_the_sequence():
     assert metric("rejects", exchange="coinbase", reason="unexpected") == rejects
     h.connection.message_received(b"[1, 2]")
     assert metric("rejects", exchange="coinbase", reason="unexpected") == rejects + 1
+    h.connection.message_received(b'{"channel": "news", "events": []}')  # unnumbered: ignored
+    h.update("BTC-USD", [("100.6", "1")])
     assert h.books["btcusd"].state is BookState.LIVE
+    assert h.books["btcusd"].book.top_bids(1) == [(100.6, 1.0)]
+
+
+def test_a_numbered_error_counts_in_the_sequence():
+    h = Harness()
+    h.live()
+    h.connection.message_received(orjson.dumps(
+        {"type": "error", "message": "x", "sequence_num": h.sequence[h.connection]}))
+    h.sequence[h.connection] += 1
+    h.update("BTC-USD", [("100.5", "1")])
+    assert not h.protocol.dropped and h.books["btcusd"].state is BookState.LIVE
 
 
 def test_unwatch_unsubscribes_and_ignores_late_messages():

@@ -45,6 +45,8 @@ from aggregator.instruments import Instrument, canonical_asset
 
 BOOK_CHANNEL = "level2"
 HEARTBEATS_SUBSCRIBE = {"type": "subscribe", "channel": "heartbeats"}
+# The channels of the messages read here; they all carry the connection's sequence_num.
+CHANNELS = ("l2_data", "heartbeats", "subscriptions")
 
 SETTINGS = VenueSettings(
     # 8 unauthenticated messages per second per IP (§5.2): half of it per
@@ -459,13 +461,20 @@ class CoinbaseAdapter:
         session = self._session(connection)
         if session.broken:
             return  # the rest of a socket being dropped after a gap
+        numbered = "sequence_num" in message
         if message.get("type") == "error":
-            self._error(connection, message)
+            # Not known to be numbered; if it is, it counts like any message.
+            if not numbered or self._in_sequence(connection, session, message):
+                self._error(connection, message)
             return
         channel = message.get("channel")
         if not isinstance(channel, str):
             self.context.reject("unexpected", "coinbase: unexpected message {message!r}",
                                 message=message)
+            return
+        if channel not in CHANNELS and not numbered:
+            self.context.problem(("channel", channel), "coinbase: ignoring channel {channel!r}",
+                                 channel=channel)
             return
         if not self._in_sequence(connection, session, message):
             return
