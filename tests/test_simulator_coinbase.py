@@ -29,11 +29,14 @@ class Session:
             self.expected += 1
         return message
 
-    async def next_on(self, channel: str, timeout: float = 3.0) -> Any:
+    async def next_matching(self, predicate: Any, timeout: float = 3.0) -> Any:
         while True:
             message = await self.next(timeout)
-            if message.get("channel") == channel:
+            if predicate(message):
                 return message
+
+    async def next_on(self, channel: str, timeout: float = 3.0) -> Any:
+        return await self.next_matching(lambda m: m.get("channel") == channel, timeout)
 
     def send(self, message: Any) -> None:
         self.client.send(message)
@@ -98,12 +101,12 @@ async def test_subscriptions_heartbeats_and_errors():
         assert beat["events"][0]["heartbeat_counter"] == 1
         # Every product of the subscribe must be served; an error names none.
         session.send(subscribe(["ETH-BTC", "DOGE-USD"]))
-        assert await session.client.next_matching(lambda m: "type" in m) == {
+        assert await session.next_matching(lambda m: "type" in m) == {
             "type": "error", "message": "Failed to subscribe"}
         session.send({"type": "subscribe", "channel": "level2"})
-        assert (await session.client.next_matching(lambda m: "type" in m))["type"] == "error"
+        assert (await session.next_matching(lambda m: "type" in m))["type"] == "error"
         session.client.send(b"{not json")
-        assert (await session.client.next_matching(lambda m: "type" in m))["type"] == "error"
+        assert (await session.next_matching(lambda m: "type" in m))["type"] == "error"
         session.send(subscribe(["BTC-USD", "ETH-BTC"]))
         first = await session.next_on("l2_data")
         second = await session.next_on("l2_data")
@@ -160,14 +163,17 @@ async def test_lost_or_skipped_updates_show_as_a_sequence_gap(fault):
     async with running(source="synthetic", speed=3.0) as sim:
         client = await connect(sim.urls["coinbase_ws_url"])
         client.send(subscribe(["ETH-BTC"]))
-        await client.next_matching(lambda m: m.get("channel") == "l2_data")
-        ack = await client.next_matching(lambda m: m.get("channel") == "subscriptions")
+        await client.next_matching(lambda m: m.get("channel") == "subscriptions")
+        sim.pause()
+        await sleep(0.2)  # whatever was in flight has arrived
+        last = max([m["sequence_num"] for m in client.pending()], default=1)
         if fault == "skip_updates":
             sim.skip_updates("coinbase", "ethbtc", 3)
         else:
             sim.lose_next_update("coinbase", "ethbtc")
-        after = await client.next_matching(lambda m: m.get("channel") == "l2_data")
-        assert after["sequence_num"] == ack["sequence_num"] + (4 if fault == "skip_updates" else 2)
+        sim.resume()
+        after = await client.next()
+        assert after["sequence_num"] == last + (4 if fault == "skip_updates" else 2)
         following = await client.next()
         assert following["sequence_num"] == after["sequence_num"] + 1
         await client.close()

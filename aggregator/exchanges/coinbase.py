@@ -243,7 +243,7 @@ class CoinbaseAdapter:
     symbol_list_weight = 1.0
     default_ws_url = "wss://advanced-trade-ws.coinbase.com"
     default_rest_url = "https://api.coinbase.com"
-    ws_url_help = "Coinbase Advanced Trade market-data websocket URL (used as is)."
+    ws_url_help = "Coinbase websocket URL (used as is)."
     rest_url_help = "Coinbase REST base; /api/v3/brokerage/market/products is appended."
     # Heartbeats come every second; this long without one (while the socket
     # stays open) and the connection is replaced.
