@@ -6,8 +6,9 @@ from __future__ import annotations
 from .binance import BinanceVenue
 from .bitstamp import BitstampVenue
 from .bybit import BybitVenue
+from .coinbase import CoinbaseVenue
 from .kraken import KrakenVenue
 from .venue import Venue
 
-VENUES: tuple[type[Venue], ...] = (BinanceVenue, BitstampVenue, BybitVenue, KrakenVenue)
+VENUES: tuple[type[Venue], ...] = (BinanceVenue, BitstampVenue, BybitVenue, CoinbaseVenue, KrakenVenue)
 EXCHANGES = tuple(venue.name for venue in VENUES)
