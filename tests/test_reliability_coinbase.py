@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 
+from aggregator._proto import orderbook_pb2
 from aggregator.book import BookState
 from aggregator.simulator import SimulatorService
 from tests.aio import aio, wait_until
@@ -92,8 +93,13 @@ def system():
 
 
 @pytest_twisted.ensureDeferred
-async def test_books_from_three_venues_merge_exactly(system):
-    assert {"bitstamp", "coinbase"} <= {level.exchange for level in system.watcher.latest["btcusd"].bids}
+async def test_books_from_every_venue_merge_exactly(system):
+    # settle() waited for exact books; every venue listing btcusd is live in them
+    # (whose levels make the top 10 depends on the prices).
+    summary = system.watcher.latest["btcusd"]
+    states = {state.exchange: state.state for state in summary.exchanges}
+    assert {"bitstamp", "coinbase", "kraken"} <= set(states)
+    assert set(states.values()) == {orderbook_pb2.ExchangeState.LIVE}
     system.assert_streams_intact()
 
 
