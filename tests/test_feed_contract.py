@@ -365,3 +365,37 @@ def test_settings_are_a_value_and_apply_to_connections_made_after():
     h.feed.settings = dataclasses.replace(h.feed.settings, handover_overlap=0.5)
     successor, _ = rotate_and_open_successor(h)
     assert successor.settings.handover_overlap == 0.5
+
+
+def test_a_frame_sent_while_demand_frames_are_built_is_paced_with_them():
+    """An adapter may send() from inside subscribe_frame (Coinbase subscribes its
+    heartbeats then): that must not start a second send loop."""
+    h = binance([])
+    sent_at = []
+    send = h.protocol.sendMessage
+    h.protocol.sendMessage = lambda payload, isBinary=False: (sent_at.append(h.clock.seconds()),
+                                                              send(payload, isBinary))
+    original = h.feed.adapter.subscribe_frame
+
+    def subscribe_and_note(connection, symbols):
+        connection.send({"note": symbols[0]})
+        return original(connection, symbols)
+
+    h.feed.adapter.subscribe_frame = subscribe_and_note
+    send_loops = []
+
+    def step(seconds):
+        h.clock.advance(seconds)
+        send_loops.append(sum(1 for call in h.clock.getDelayedCalls() if "_drain" in repr(call.func)))
+
+    for symbol in EXTRA:
+        h.feed.watch(ExchangeBook("binance", symbol, h._changed))
+        step(0)
+        for _ in range(10):
+            step(0.1)
+    for _ in range(40):
+        step(0.05)
+    assert len(sent_at) == 6  # three SUBSCRIBEs, three notes
+    for i in range(len(sent_at) - 3):
+        assert sent_at[i + 3] - sent_at[i] >= 1.0 - 1e-9  # never more than 3 a second
+    assert max(send_loops) == 1  # one send loop, never a stray second one

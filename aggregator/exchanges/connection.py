@@ -82,6 +82,7 @@ class Connection(ConnectionHandler):
         self._service: Startable | None = None
         self._outbox: deque[bytes] = deque()
         self._send_timer: IDelayedCall | None = None
+        self._draining = False  # inside _drain: a send() made meanwhile is picked up by it
         self._next_send_at = 0.0
         self._liveness: LoopingCall | None = None
         self._rotation: IDelayedCall | None = None
@@ -188,7 +189,7 @@ class Connection(ConnectionHandler):
         at the earliest at the end of this reactor turn, so that the demand
         changes of one turn (a client asking for many symbols, a burst of
         disconnects) leave as few frames as possible."""
-        if self._send_timer is None and self.protocol is not None:
+        if self._send_timer is None and not self._draining and self.protocol is not None:
             self._send_timer = self._reactor.callLater(0, self._drain)
 
     @property
@@ -197,6 +198,13 @@ class Connection(ConnectionHandler):
 
     def _drain(self) -> None:
         self._send_timer = None
+        self._draining = True
+        try:
+            self._send_paced()
+        finally:
+            self._draining = False
+
+    def _send_paced(self) -> None:
         reactor = self._reactor
         interval = 1.0 / self.settings.frames_per_second
         while self.protocol is not None:
