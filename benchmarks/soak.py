@@ -38,6 +38,7 @@ from twisted.internet.task import LoopingCall  # noqa: E402
 
 from aggregator._proto import orderbook_pb2, orderbook_pb2_grpc  # noqa: E402
 from aggregator.simulator import SimulatorService  # noqa: E402
+from aggregator.simulator.venues import EXCHANGES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
