@@ -5,6 +5,8 @@ the simulator: straight from the recorded files, or from the simulator's
 true books with a reference merge.
 """
 
+import asyncio
+
 import grpc
 import orjson
 import pytest
@@ -115,6 +117,60 @@ async def test_synthetic_books_merge_across_both_exchanges():
         assert watcher.errors == []
     finally:
         await aio(watcher.close())
+        await daemon.stopService()
+        await sim.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_five_venues_merge_exactly_and_each_stream_view_is_exact():
+    """ethbtc on all five venues, btcusd on three: the merged top N equals a merge of
+    the simulator's true books; streams narrowed to some venues or fewer levels equal
+    the same merge of just those books."""
+    sim = SimulatorService(reactor=reactor, source="synthetic", seed=11, speed=5.0, loop=False)
+    sim.startService()
+    daemon = await start_daemon(sim)
+    port = daemon.getServiceNamed("grpc").port
+    watcher = Watcher(port, ["ethbtc", "btcusd"])
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = orderbook_pb2_grpc.AggregatorStub(channel)
+    narrow = {"latest": None}
+
+    async def read_narrow(call):
+        async for summary in call:
+            narrow["latest"] = summary
+
+    try:
+        async def scenario():
+            call = stub.BookSummary(orderbook_pb2.Request(symbol="ethbtc", exchanges=["kraken", "bybit"], depth=3))
+            reader = asyncio.ensure_future(read_narrow(call))
+
+            def narrow_expected():
+                books = {}
+                for exchange in ("kraken", "bybit"):
+                    bids, asks = sim.true_book(exchange, "ethbtc")
+                    books[exchange] = (dict(bids), dict(asks))
+                return reference_top(books, 3)
+
+            def done():
+                return sim.finished and all(
+                    s in watcher.latest and as_tuples(watcher.latest[s]) == expected_from_simulator(sim, s)
+                    for s in ("ethbtc", "btcusd")
+                ) and narrow["latest"] is not None and as_tuples(narrow["latest"]) == narrow_expected()
+
+            await wait_until(done, timeout=40)
+            states = {e.exchange: e.state for e in watcher.latest["ethbtc"].exchanges}
+            assert states == {name: orderbook_pb2.ExchangeState.LIVE
+                              for name in ("binance", "bitstamp", "bybit", "coinbase", "kraken")}
+            assert {e.exchange for e in watcher.latest["btcusd"].exchanges} == {"bitstamp", "coinbase", "kraken"}
+            assert {e.exchange for e in narrow["latest"].exchanges} == {"bybit", "kraken"}
+            call.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+        await aio(scenario())
+        assert watcher.errors == []
+    finally:
+        await aio(watcher.close())
+        await aio(channel.close())
         await daemon.stopService()
         await sim.stopService()
 
