@@ -14,63 +14,18 @@ import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 
 from aggregator.book import BookState
 from aggregator.simulator import SimulatorService
 from tests.aio import aio, wait_until
 from tests.e2e import Watcher, as_tuples, expected_from_simulator, start_daemon
+from tests.reliability import counter, running_system, speed_up
 
 SYMBOLS = ["ethbtc", "btcusdt"]
 
 
-def counter(name, **labels):
-    return REGISTRY.get_sample_value(f"aggregator_{name}_total", labels) or 0.0
-
-
 def fast(daemon):
-    for name in ("binance", "bitstamp"):
-        feed = daemon.getServiceNamed(name)
-        feed.retry_policy = lambda attempt: 0.05 * (attempt + 1)
-        feed.settings = dataclasses.replace(
-            feed.settings, inactivity_timeout=1.0, handover_overlap=0.3)
-
-
-class System:
-    def __init__(self, sim, daemon, watcher):
-        self.sim, self.daemon, self.watcher = sim, daemon, watcher
-        self.binance = daemon.getServiceNamed("binance")
-        self.bitstamp = daemon.getServiceNamed("bitstamp")
-
-    def feed(self, exchange):
-        return self.daemon.getServiceNamed(exchange)
-
-    def all_live(self):
-        return all(
-            feed.books.get(symbol) is not None and feed.books[symbol].state is BookState.LIVE
-            for feed in (self.binance, self.bitstamp) for symbol in SYMBOLS)
-
-    def exact(self):
-        return all(
-            symbol in self.watcher.latest
-            and as_tuples(self.watcher.latest[symbol]) == expected_from_simulator(self.sim, symbol)
-            for symbol in SYMBOLS)
-
-    async def settle(self, timeout=10.0):
-        """Stop the market, then wait until every stream shows the true books."""
-        await wait_until(self.all_live, timeout)
-        self.sim.pause()
-        await wait_until(self.exact, timeout)
-        self.sim.resume()
-
-    def assert_streams_intact(self):
-        assert self.watcher.errors == []
-        assert not any(call.done() for call in self.watcher.calls.values())
-
-    def assert_rest_within_budget(self, forced=()):
-        for exchange in ("binance", "bitstamp"):
-            refused = [r for r in self.sim.rest_log(exchange) if r.status in (418, 429)]
-            assert [r.status for r in refused] == [s for e, s in forced if e == exchange]
+    speed_up(daemon, ("binance", "bitstamp"), inactivity_timeout=1.0, handover_overlap=0.3)
 
 
 async def gap_resynced(system, symbol, count=1):
@@ -82,16 +37,7 @@ async def gap_resynced(system, symbol, count=1):
 
 @pytest.fixture
 def system():
-    sim = SimulatorService(reactor=reactor, source="synthetic", seed=5, speed=2.0)
-    sim.startService()
-    daemon = pytest_twisted.blockon(ensureDeferred(start_daemon(sim, configure=fast)))
-    watcher = Watcher(daemon.getServiceNamed("grpc").port, SYMBOLS)
-    system = System(sim, daemon, watcher)
-    pytest_twisted.blockon(aio(system.settle()))
-    yield system
-    pytest_twisted.blockon(aio(watcher.close()))
-    pytest_twisted.blockon(daemon.stopService())
-    pytest_twisted.blockon(sim.stopService())
+    yield from running_system(SYMBOLS, fast, seed=5)
 
 
 @pytest_twisted.ensureDeferred
@@ -139,13 +85,13 @@ async def test_bad_frames_are_rejected_counted_and_healed(system, exchange, kind
 
 @pytest_twisted.ensureDeferred
 async def test_bitstamp_request_reconnect_is_make_before_break(system):
-    book = system.bitstamp.books["ethbtc"]
+    book = system.feed("bitstamp").books["ethbtc"]
     states = []
     original = book._set_state
     book._set_state = lambda state, reason: (states.append(state), original(state, reason))
-    first = system.bitstamp.connections[0]
+    first = system.feed("bitstamp").connections[0]
     assert system.sim.request_reconnect(close_after=2.0) >= 1
-    await aio(wait_until(lambda: system.bitstamp.connections[0] is not first, timeout=5))
+    await aio(wait_until(lambda: system.feed("bitstamp").connections[0] is not first, timeout=5))
     await aio(system.settle())
     assert states == []  # never withdrawn: no gap for clients
     assert book.state is BookState.LIVE
@@ -164,7 +110,7 @@ async def test_binance_closing_the_connection_is_recovered(system, code, reason)
 
 @pytest_twisted.ensureDeferred
 async def test_proactive_rotation_before_the_age_limit_keeps_books_live(system):
-    feed = system.binance
+    feed = system.feed("binance")
     book = feed.books["ethbtc"]
     states = []
     original = book._set_state

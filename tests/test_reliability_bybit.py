@@ -7,80 +7,25 @@ broke, and that the right counter moved. Backoff and timeouts are shortened so r
 a fraction of a second.
 """
 
-import dataclasses
-
 import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY
-from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 
 from aggregator.book import BookState
-from aggregator.simulator import SimulatorService
-from aggregator.simulator.venues import EXCHANGES
 from tests.aio import aio, wait_until
-from tests.e2e import Watcher, as_tuples, expected_from_simulator, start_daemon
+from tests.reliability import counter, running_system, speed_up
 
 # btcusdt: Binance and Bybit; ethbtc: every venue; ethusdt: Binance and Bybit.
 SYMBOLS = ["btcusdt", "ethbtc", "ethusdt"]
 
 
-def counter(name, **labels):
-    return REGISTRY.get_sample_value(f"aggregator_{name}_total", labels) or 0.0
-
-
 def fast(daemon):
-    for name in EXCHANGES:
-        feed = daemon.getServiceNamed(name)
-        feed.retry_policy = lambda attempt: 0.05 * (attempt + 1)
-        feed.settings = dataclasses.replace(
-            feed.settings, inactivity_timeout=1.0, handover_overlap=0.3, reply_timeout=2.0)
-
-
-class System:
-    def __init__(self, sim, daemon, watcher):
-        self.sim, self.daemon, self.watcher = sim, daemon, watcher
-        self.bybit = daemon.getServiceNamed("bybit")
-
-    def all_live(self):
-        for name in EXCHANGES:
-            feed = self.daemon.getServiceNamed(name)
-            for symbol in SYMBOLS:
-                if symbol in self.sim.symbols(name) and not (
-                        symbol in feed.books and feed.books[symbol].state is BookState.LIVE):
-                    return False
-        return True
-
-    def exact(self):
-        return all(
-            symbol in self.watcher.latest
-            and as_tuples(self.watcher.latest[symbol]) == expected_from_simulator(self.sim, symbol)
-            for symbol in SYMBOLS)
-
-    async def settle(self, timeout=10.0):
-        """Stop the market, then wait until every stream shows the true books."""
-        await wait_until(self.all_live, timeout)
-        self.sim.pause()
-        await wait_until(self.exact, timeout)
-        self.sim.resume()
-
-    def assert_streams_intact(self):
-        assert self.watcher.errors == []
-        assert not any(call.done() for call in self.watcher.calls.values())
+    speed_up(daemon, inactivity_timeout=1.0, handover_overlap=0.3, reply_timeout=2.0)
 
 
 @pytest.fixture
 def system():
-    sim = SimulatorService(reactor=reactor, source="synthetic", seed=7, speed=2.0)
-    sim.startService()
-    daemon = pytest_twisted.blockon(ensureDeferred(start_daemon(sim, configure=fast)))
-    watcher = Watcher(daemon.getServiceNamed("grpc").port, SYMBOLS)
-    system = System(sim, daemon, watcher)
-    pytest_twisted.blockon(aio(system.settle()))
-    yield system
-    pytest_twisted.blockon(aio(watcher.close()))
-    pytest_twisted.blockon(daemon.stopService())
-    pytest_twisted.blockon(sim.stopService())
+    yield from running_system(SYMBOLS, fast, seed=7)
 
 
 async def moved(name, **labels):
@@ -91,7 +36,7 @@ async def moved(name, **labels):
 @pytest_twisted.ensureDeferred
 async def test_bybit_books_are_exact_and_every_topic_has_ten_args_at_most(system):
     # The fixture settled: Bybit's books are part of the exact merge.
-    assert system.bybit.books["btcusdt"].state is BookState.LIVE
+    assert system.feed("bybit").books["btcusdt"].state is BookState.LIVE
     assert system.sim.violations == []
     system.assert_streams_intact()
 
@@ -100,7 +45,7 @@ async def test_bybit_books_are_exact_and_every_topic_has_ten_args_at_most(system
 @pytest_twisted.ensureDeferred
 async def test_a_lost_update_id_resubscribes_that_symbol(system, fault):
     gap = await moved("resyncs", exchange="bybit", reason="gap")
-    other = system.bybit.books["ethbtc"]
+    other = system.feed("bybit").books["ethbtc"]
     states = []
     original = other._set_state
     other._set_state = lambda state, reason: (states.append(state), original(state, reason))
@@ -193,7 +138,7 @@ async def test_stalled_connection_is_detected_and_replaced(system):
 
 @pytest_twisted.ensureDeferred
 async def test_rotation_hands_over_without_withdrawing_books(system):
-    feed = system.bybit
+    feed = system.feed("bybit")
     book = feed.books["btcusdt"]
     states = []
     original = book._set_state

@@ -3,25 +3,16 @@ streams on loopback. Each test ends with every stream showing the
 simulator's true merged books exactly, no client stream broken, and the
 counter that says what happened moved."""
 
-import dataclasses
-
 import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY
-from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 
 from aggregator._proto import orderbook_pb2
 from aggregator.book import BookState
-from aggregator.simulator import SimulatorService
 from tests.aio import aio, wait_until
-from tests.e2e import Watcher, as_tuples, expected_from_simulator, start_daemon
+from tests.reliability import counter, running_system, speed_up
 
 SYMBOLS = ["btcusd", "ethbtc"]
-
-
-def counter(name, **labels):
-    return REGISTRY.get_sample_value(f"aggregator_{name}_total", labels) or 0.0
 
 
 def total_rejects():
@@ -30,66 +21,23 @@ def total_rejects():
 
 
 def fast(daemon):
-    for name in ("binance", "bitstamp", "coinbase"):
-        feed = daemon.getServiceNamed(name)
-        feed.retry_policy = lambda attempt: 0.05 * (attempt + 1)
-        feed.settings = dataclasses.replace(feed.settings, handover_overlap=0.3)
-    coinbase = daemon.getServiceNamed("coinbase")
-    coinbase.settings = dataclasses.replace(coinbase.settings, inactivity_timeout=2.0)
-    coinbase.adapter.heartbeat_timeout = 1.5
+    speed_up(daemon, ("binance", "bitstamp"), handover_overlap=0.3)
+    speed_up(daemon, ("coinbase",), handover_overlap=0.3, inactivity_timeout=2.0)
+    daemon.getServiceNamed("coinbase").adapter.heartbeat_timeout = 1.5
 
 
-class System:
-    def __init__(self, sim, daemon, watcher):
-        self.sim, self.daemon, self.watcher = sim, daemon, watcher
-        self.coinbase = daemon.getServiceNamed("coinbase")
-
-    def all_live(self):
-        return all(
-            feed.books.get(symbol) is not None and feed.books[symbol].state is BookState.LIVE
-            for feed in (self.daemon.getServiceNamed(n) for n in ("bitstamp", "coinbase"))
-            for symbol in SYMBOLS)
-
-    def exact(self):
-        return all(
-            symbol in self.watcher.latest
-            and as_tuples(self.watcher.latest[symbol]) == expected_from_simulator(self.sim, symbol)
-            for symbol in SYMBOLS)
-
-    async def settle(self, timeout=10.0):
-        await wait_until(self.all_live, timeout)
-        self.sim.pause()
-        await wait_until(self.exact, timeout)
-        self.sim.resume()
-
-    def assert_streams_intact(self):
-        assert self.watcher.errors == []
-        assert not any(call.done() for call in self.watcher.calls.values())
-
-    def venue(self):
-        return self.sim._venue("coinbase")
-
-    def watch_states(self, symbol):
-        """The states the daemon's coinbase book of `symbol` goes through from now."""
-        book = self.coinbase.books[symbol]
-        states = []
-        original = book._set_state
-        book._set_state = lambda state, reason: (states.append(state), original(state, reason))
-        return states
+def watch_states(system, symbol):
+    """The states the daemon's coinbase book of `symbol` goes through from now."""
+    book = system.feed("coinbase").books[symbol]
+    states = []
+    original = book._set_state
+    book._set_state = lambda state, reason: (states.append(state), original(state, reason))
+    return states
 
 
 @pytest.fixture
 def system():
-    sim = SimulatorService(reactor=reactor, source="synthetic", seed=7, speed=2.0)
-    sim.startService()
-    daemon = pytest_twisted.blockon(ensureDeferred(start_daemon(sim, configure=fast)))
-    watcher = Watcher(daemon.getServiceNamed("grpc").port, SYMBOLS)
-    system = System(sim, daemon, watcher)
-    pytest_twisted.blockon(aio(system.settle()))
-    yield system
-    pytest_twisted.blockon(aio(watcher.close()))
-    pytest_twisted.blockon(daemon.stopService())
-    pytest_twisted.blockon(sim.stopService())
+    yield from running_system(SYMBOLS, fast, seed=7)
 
 
 @pytest_twisted.ensureDeferred
@@ -121,11 +69,11 @@ async def test_sequence_gap_reconnects_and_resyncs_every_book_of_the_connection(
 
 @pytest_twisted.ensureDeferred
 async def test_missing_heartbeats_replace_the_connection_make_before_break(system):
-    states = system.watch_states("btcusd")
-    first = system.coinbase.connections[0]
+    states = watch_states(system, "btcusd")
+    first = system.feed("coinbase").connections[0]
     reconnects = counter("reconnects", exchange="coinbase")
-    assert system.venue().silence_heartbeats() >= 1
-    await aio(wait_until(lambda: system.coinbase.connections[0] is not first, timeout=8))
+    assert system.venue('coinbase').silence_heartbeats() >= 1
+    await aio(wait_until(lambda: system.feed("coinbase").connections[0] is not first, timeout=8))
     assert counter("reconnects", exchange="coinbase") > reconnects
     await aio(system.settle())
     # Its messages were all in sequence: the book stayed live, handed over,
@@ -137,7 +85,7 @@ async def test_missing_heartbeats_replace_the_connection_make_before_break(syste
 @pytest_twisted.ensureDeferred
 async def test_silent_close_reconnects_and_resyncs(system):
     reconnects = counter("reconnects", exchange="coinbase")
-    assert system.venue().close_silently() >= 1
+    assert system.venue('coinbase').close_silently() >= 1
     await aio(wait_until(lambda: counter("reconnects", exchange="coinbase") > reconnects))
     await aio(system.settle())
     system.assert_streams_intact()
@@ -190,7 +138,7 @@ async def test_unreadable_frames_resync_the_connection(system, kind):
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_channel_is_ignored(system):
-    states = system.watch_states("ethbtc")
+    states = watch_states(system, "ethbtc")
     rejects = total_rejects()
     assert system.sim.send_bad_frame("coinbase", "ethbtc", "unknown_event") >= 1
     await aio(system.settle())

@@ -8,77 +8,23 @@ wrong checksum are both found by the checksum, and healed by a new
 subscription (unsubscribe + subscribe → a fresh snapshot).
 """
 
-import dataclasses
-
 import pytest
 import pytest_twisted
 from prometheus_client import REGISTRY
-from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 
-from aggregator.book import BookState
-from aggregator.simulator import SimulatorService
 from tests.aio import aio, wait_until
-from tests.e2e import Watcher, as_tuples, expected_from_simulator, start_daemon
+from tests.reliability import counter, running_system, speed_up
 
 SYMBOLS = ["btcusd", "ethbtc"]
 
 
-def counter(name, **labels):
-    return REGISTRY.get_sample_value(f"aggregator_{name}_total", labels) or 0.0
-
-
 def fast(daemon):
-    for name in ("binance", "bitstamp", "kraken"):
-        feed = daemon.getServiceNamed(name)
-        feed.retry_policy = lambda attempt: 0.05 * (attempt + 1)
-        feed.settings = dataclasses.replace(
-            feed.settings, inactivity_timeout=1.0, handover_overlap=0.3)
-
-
-class System:
-    def __init__(self, sim, daemon, watcher):
-        self.sim, self.daemon, self.watcher = sim, daemon, watcher
-        self.kraken = daemon.getServiceNamed("kraken")
-
-    def live(self):
-        return all(
-            (book := self.kraken.books.get(symbol)) is not None and book.state is BookState.LIVE
-            for symbol in SYMBOLS)
-
-    def exact(self):
-        return all(
-            symbol in self.watcher.latest
-            and as_tuples(self.watcher.latest[symbol]) == expected_from_simulator(self.sim, symbol)
-            for symbol in SYMBOLS)
-
-    async def settle(self, timeout=10.0):
-        """Stop the market, then wait until every stream shows the true books."""
-        await wait_until(self.live, timeout)
-        self.sim.pause()
-        await wait_until(self.exact, timeout)
-        self.sim.resume()
-
-    def assert_streams_intact(self):
-        assert self.watcher.errors == []
-        assert not any(call.done() for call in self.watcher.calls.values())
-
-    def venue(self):
-        return self.sim._venues["kraken"]
+    speed_up(daemon, ("binance", "bitstamp", "kraken"), inactivity_timeout=1.0, handover_overlap=0.3)
 
 
 @pytest.fixture
 def system():
-    sim = SimulatorService(reactor=reactor, source="synthetic", seed=7, speed=2.0)
-    sim.startService()
-    daemon = pytest_twisted.blockon(ensureDeferred(start_daemon(sim, configure=fast)))
-    watcher = Watcher(daemon.getServiceNamed("grpc").port, SYMBOLS)
-    system = System(sim, daemon, watcher)
-    pytest_twisted.blockon(aio(system.settle()))
-    yield system
-    pytest_twisted.blockon(aio(watcher.close()))
-    pytest_twisted.blockon(daemon.stopService())
-    pytest_twisted.blockon(sim.stopService())
+    yield from running_system(SYMBOLS, fast, seed=7)
 
 
 def test_kraken_books_are_merged_with_the_others(system):
@@ -90,7 +36,7 @@ def test_kraken_books_are_merged_with_the_others(system):
 @pytest_twisted.ensureDeferred
 async def test_wrong_checksum_resyncs_that_symbol(system):
     before = counter("resyncs", exchange="kraken", reason="checksum")
-    system.venue().corrupt_next_checksum("btcusd")
+    system.venue('kraken').corrupt_next_checksum("btcusd")
     await aio(wait_until(lambda: counter("resyncs", exchange="kraken", reason="checksum") > before))
     await aio(system.settle())
     system.assert_streams_intact()
@@ -161,7 +107,7 @@ async def test_closing_the_connection_is_recovered(system, code, reason):
 
 @pytest_twisted.ensureDeferred
 async def test_rotation_hands_over_without_withdrawing_the_books(system):
-    feed = system.kraken
+    feed = system.feed("kraken")
     book = feed.books["btcusd"]
     states = []
     original = book._set_state
