@@ -157,7 +157,11 @@ def load_recording(directory: str) -> Recording:
 
 
 class _Player:
-    """Plays one recorded connection to one client (see the module docstring)."""
+    """Plays one recorded connection to one client (see the module docstring).
+
+    As fast as possible (speed 0), it is the transport's streaming producer: it
+    pauses while the client's socket buffer is full, so it goes at the pace the
+    client reads, and the buffer stays bounded by the transport's high-water mark."""
 
     def __init__(self, protocol: ReplayProtocol, frames: list[Frame], reactor: Any, speed: float):
         self._protocol = protocol
@@ -169,7 +173,23 @@ class _Player:
         self._origin = reactor.seconds()
         self._t0 = frames[0].t if frames else 0.0
         self._call: Any = None
+        self._paused = False
         self.done = not frames
+
+    # -- IPushProducer (speed 0) ---------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.stop()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self._call is None and not self.done:
+            self._call = self._reactor.callLater(0, self._step)
+
+    def stopProducing(self) -> None:
+        self._paused = True
+        self.stop()
 
     def client_frame(self) -> None:
         self._client_frames += 1
@@ -177,6 +197,9 @@ class _Player:
             self._step()
 
     def start(self) -> None:
+        if not self._speed:
+            transport: Any = self._protocol.transport  # a TCP transport: IConsumer too
+            transport.registerProducer(self, True)
         self._step()
 
     def stop(self) -> None:
@@ -191,7 +214,7 @@ class _Player:
     def _step(self) -> None:
         self._call = None
         sent = 0
-        while self._position < len(self._frames):
+        while self._position < len(self._frames) and not self._paused:
             frame = self._frames[self._position]
             if frame.kind == "out":
                 if not self._client_frames:
@@ -214,8 +237,9 @@ class _Player:
                 sent += 1
             else:  # close
                 self._protocol.sendClose(1000, "recorded close")
-                break
-        self.done = True
+                self._position = len(self._frames)
+        if self._position >= len(self._frames):
+            self.done = True
 
 
 class ReplayProtocol(WebSocketServerProtocol):
