@@ -35,8 +35,10 @@ EVENT_OVERHEAD = 100
 DEFAULT_QUEUE_BYTES = 16 * 1024 * 1024
 DEFAULT_ROTATE_SECONDS = 3600.0
 MAX_FILE_BYTES = 64 * 1024 * 1024
-# Each batch is flushed to the file (gzip sync flush): a crash loses at most this much.
-FLUSH_SECONDS = 1.0
+# The writer looks at the queue this often; each batch is flushed to the file
+# (gzip sync flush), so a crash loses about this much.
+POLL_SECONDS = 0.05
+MAX_BATCH = 10_000
 
 
 class CannotRecord(Exception):
@@ -157,7 +159,12 @@ class RecordingFiles:
 
 
 class Recorder(Service):
-    """Owns the bounded queue and the writer thread (see the module docstring)."""
+    """Owns the bounded queue and the writer thread (see the module docstring).
+
+    No lock on the reactor's side: the queue is a deque (append and popleft are
+    atomic), and its size in bytes is what the reactor offered minus what the
+    writer took, each counter written by one thread only (a stale read only
+    makes the bound stricter). The writer polls every POLL_SECONDS."""
 
     log = Logger()
 
@@ -171,9 +178,10 @@ class Recorder(Service):
         self.files = files
         self.queue_bytes = queue_bytes
         self._queue: deque[Event] = deque()
-        self._queued_bytes = 0
-        self._lock = threading.Condition()
-        self._closing = False
+        self._offered = 0  # bytes queued, ever (reactor thread only)
+        self._taken = 0  # bytes the writer took off the queue, ever (writer thread only)
+        self._closing = threading.Event()
+        self._accepting = True  # what the reactor side reads: cheaper than the Event
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
         self._problems = ThrottledLog(self.log, reactor)
@@ -186,28 +194,27 @@ class Recorder(Service):
     # -- reactor side -----------------------------------------------------------
 
     def offer(self, event: Event) -> None:
-        """Queue `event` if the queue has room, else drop and count it. Never waits
-        for more than the queue's lock, which the writer holds only to swap batches."""
+        """Queue `event` if the queue has room, else drop and count it. Never waits."""
+        if not self._accepting:
+            return  # stopping: the feeds' own shutdown is not the venues' traffic
         size = len(event[4]) + EVENT_OVERHEAD
-        with self._lock:
-            accepted = not self._closing and self._queued_bytes + size <= self.queue_bytes
-            if accepted:
-                self._queue.append(event)
-                self._queued_bytes += size
-                self._lock.notify()
-        if not accepted and not self._closing:
-            self.dropped += 1
-            self._dropped_metric.inc()
-            self._problems.warn(
-                "full",
-                "recording: write buffer full ({limit} bytes: the disk is slower than the "
-                "feeds); events dropped, {dropped} so far",
-                limit=self.queue_bytes, dropped=self.dropped,
-            )
+        if self._offered - self._taken + size <= self.queue_bytes:
+            self._queue.append(event)
+            self._offered += size
+            return
+        self.dropped += 1
+        self._dropped_metric.inc()
+        self._problems.warn(
+            "full",
+            "recording: write buffer full ({limit} bytes: the disk is slower than the "
+            "feeds); events dropped, {dropped} so far",
+            limit=self.queue_bytes, dropped=self.dropped,
+        )
 
     def startService(self) -> None:
         super().startService()
-        self._closing = False
+        self._accepting = True
+        self._closing.clear()
         self._stopped = Deferred()
         self._thread = threading.Thread(
             target=self._run, args=(self._stopped,), name="recorder", daemon=True
@@ -216,10 +223,10 @@ class Recorder(Service):
         self.log.info("recording venue traffic to {directory}", directory=str(self.files.directory))
 
     def stopService(self) -> Deferred[None]:
+        """Fires once what was queued until now is written and the file closed."""
         super().stopService()
-        with self._lock:
-            self._closing = True
-            self._lock.notify()
+        self._accepting = False
+        self._closing.set()
         stopped, self._stopped = self._stopped, None
         return stopped if stopped is not None else succeed(None)
 
@@ -228,23 +235,31 @@ class Recorder(Service):
     def _run(self, stopped: Deferred[None]) -> None:
         try:
             while True:
-                with self._lock:
-                    if not self._queue and not self._closing:
-                        self._lock.wait(FLUSH_SECONDS)
-                    batch, self._queue = self._queue, deque()
-                    self._queued_bytes = 0
-                    closing = self._closing
+                closing = self._closing.is_set()
+                batch = self._take()
                 if batch:
                     self._write(batch)
                 else:
                     self.files.maybe_rotate()
-                if closing:
+                if closing and not self._queue:
                     break
+                if not batch:
+                    self._closing.wait(POLL_SECONDS)
         finally:
             self._close_files()
             self._reactor.callFromThread(stopped.callback, None)
 
-    def _write(self, batch: deque[Event]) -> None:
+    def _take(self) -> list[Event]:
+        queue, size = self._queue, 0
+        batch: list[Event] = []
+        while queue and len(batch) < MAX_BATCH:
+            event = queue.popleft()
+            batch.append(event)
+            size += len(event[4]) + EVENT_OVERHEAD
+        self._taken += size
+        return batch
+
+    def _write(self, batch: list[Event]) -> None:
         try:
             self.files.write(batch)
         except OSError as error:

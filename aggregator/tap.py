@@ -309,8 +309,10 @@ def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueF
 
 
 def add_recorder(root: MultiService, options: Options, feeds: list[VenueFeed], reactor: Any) -> None:
-    """--record: the feeds' traffic to disk. Started after the feeds, but nothing
-    is lost: what they queue before the writer thread runs waits for it."""
+    """--record: the feeds' traffic to disk. After the feeds, so that it stops
+    first: the connections closed by the daemon's own shutdown are not recorded
+    (a replay would close them). Nothing is lost by starting after the feeds:
+    what they queue before the writer thread runs waits for it."""
     from aggregator.recording import Recorder, RecordingFiles
 
     recorder = Recorder(

@@ -8,7 +8,7 @@ import time
 import orjson
 import pytest
 from twisted.internet import reactor
-from twisted.internet.task import Clock
+import pytest_twisted
 
 from aggregator.recording import CannotRecord, Recorder, RecordingFiles, check_writable
 from aggregator.recording_format import header
@@ -96,8 +96,7 @@ class SlowFile(io.BytesIO):
 def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
     slow = SlowFile()
     files = RecordingFiles(str(tmp_path), max_bytes=10**9, opener=lambda path: slow)
-    recorder = Recorder(Clock(), files, queue_bytes=10_000)
-    recorder._reactor = reactor  # the thread reports back through callFromThread
+    recorder = Recorder(reactor, files, queue_bytes=10_000)
     recorder.startService()
     try:
         started = time.monotonic()
@@ -109,6 +108,23 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
     finally:
         slow.release.set()
         recorder.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopping_writes_what_was_queued_and_records_nothing_after(tmp_path):
+    recorder = Recorder(reactor, RecordingFiles(str(tmp_path), max_bytes=10**9))
+    tap = recorder.venue("kraken")
+    tap.opened("kraken connection #1", "ws://127.0.0.1:9")
+    recorder.startService()
+    for n in range(100):
+        tap.received("kraken connection #1", b'{"n": %d}' % n, 1000.0 + n)
+    await recorder.stopService()
+    tap.closed("kraken connection #1", "shutting down")  # the daemon's own shutdown
+    events = read_events(tmp_path)
+    assert [e["k"] for e in events] == ["open"] + ["in"] * 100
+    assert events[-1] == {"t": 1099.0, "v": "kraken", "c": "kraken connection #1", "k": "in",
+                          "d": '{"n": 99}'}
+    assert recorder.dropped == 0
 
 
 def test_an_unwritable_directory_is_refused(tmp_path):
