@@ -1,5 +1,6 @@
 """The recording writer (aggregator/recording.py) and reader errors (simulator/replay.py)."""
 
+import asyncio
 import gzip
 import io
 import threading
@@ -10,9 +11,11 @@ import pytest
 from twisted.internet import reactor
 import pytest_twisted
 
+from aggregator import metrics
 from aggregator.recording import CannotRecord, Recorder, RecordingFiles, check_writable
 from aggregator.recording_format import header
 from aggregator.simulator.replay import BadRecording, load_recording
+from tests.aio import aio
 
 
 def event(n, size=10):
@@ -97,6 +100,7 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
     slow = SlowFile()
     files = RecordingFiles(str(tmp_path), max_bytes=10**9, opener=lambda path: slow)
     recorder = Recorder(reactor, files, queue_bytes=10_000)
+    counted = metrics.RECORD_DROPPED._value.get()
     recorder.startService()
     try:
         started = time.monotonic()
@@ -105,6 +109,7 @@ def test_a_full_queue_drops_and_counts_and_never_blocks(tmp_path):
         elapsed = time.monotonic() - started
         assert elapsed < 0.5, "offer waited for the disk"
         assert recorder.dropped >= 1000 - 10_000 // 110 - 1
+        assert metrics.RECORD_DROPPED._value.get() - counted == recorder.dropped
     finally:
         slow.release.set()
         recorder.stopService()
@@ -125,6 +130,23 @@ async def test_stopping_writes_what_was_queued_and_records_nothing_after(tmp_pat
     assert events[-1] == {"t": 1099.0, "v": "kraken", "c": "kraken connection #1", "k": "in",
                           "d": '{"n": 99}'}
     assert recorder.dropped == 0
+
+
+class FullDisk(io.BytesIO):
+    def write(self, data):
+        raise OSError(28, "No space left on device")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_disk_drops_and_counts_and_the_recorder_goes_on(tmp_path):
+    files = RecordingFiles(str(tmp_path), max_bytes=10**9, opener=lambda path: FullDisk())
+    recorder = Recorder(reactor, files)
+    recorder.startService()
+    for n in range(10):
+        recorder.offer(event(n))
+    await recorder.stopService()
+    await aio(asyncio.sleep(0))  # the thread's report, through callFromThread
+    assert recorder.dropped == 10
 
 
 def test_an_unwritable_directory_is_refused(tmp_path):

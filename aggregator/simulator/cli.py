@@ -87,8 +87,10 @@ class Options(usage.Options):
 
 
 def make_service(options: Options, reactor: Any = None) -> SimulatorService | ReplayService:
+    ports = {name.removesuffix("-port").replace("-", "_"): options[name] for name, _, _, _, _ in PORT_OPTIONS}
     if options["replay"] is not None:
-        return ReplayService(options["recording"], reactor=reactor, speed=options["speed"], host=options["host"])
+        return ReplayService(options["recording"], reactor=reactor, speed=options["speed"], host=options["host"],
+                             ports=ports)
     return SimulatorService(
         reactor=reactor,
         source=options["source"],
@@ -96,7 +98,7 @@ def make_service(options: Options, reactor: Any = None) -> SimulatorService | Re
         speed=options["speed"],
         loop=not options["no-loop"],
         host=options["host"],
-        ports={name.removesuffix("-port").replace("-", "_"): options[name] for name, _, _, _, _ in PORT_OPTIONS},
+        ports=ports,
         symbols=options["symbols"],
         rate=options["rate"],
         bitstamp_rate=options["bitstamp-rate"],

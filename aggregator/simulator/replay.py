@@ -314,7 +314,7 @@ class ReplayService(Service):
     log = Logger()
 
     def __init__(self, recording: Recording, reactor: Any = None, speed: float = 1.0,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", ports: dict[str, int] | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -325,6 +325,7 @@ class ReplayService(Service):
         self.speed = speed
         self._reactor = reactor
         self._host = host
+        self._ports = ports or {}  # "<venue>_ws" / "<venue>_rest" -> port; 0 or missing: any
         self.urls: dict[str, str] = {}
         self._ws = {name: ReplayWsFactory(recording.connections.get(name, []), reactor, speed)
                     for name in EXCHANGES}
@@ -337,19 +338,32 @@ class ReplayService(Service):
 
     def startService(self) -> None:
         super().startService()
-        for name in EXCHANGES:
-            ws = self._reactor.listenTCP(0, self._ws[name], interface=self._host)
-            site = Site(ReplayRest(self.recording.rest.get(name, {})))
-            site.noisy = False
-            rest = self._reactor.listenTCP(0, site, interface=self._host)
-            self._listening += [ws, rest]
-            self.urls[f"{name}_ws_url"] = f"ws://{self._host}:{ws.getHost().port}"
-            self.urls[f"{name}_rest_url"] = f"http://{self._host}:{rest.getHost().port}"
+        try:
+            for name in EXCHANGES:
+                self._listen(name)
+        except Exception:
+            for port in self._listening:
+                port.stopListening()
+            self._listening = []
+            raise
         self.log.info(
             "replaying {events} recorded events from {files} files (speed {speed}): {urls}",
             events=self.recording.events, files=len(self.recording.files),
             speed=self.speed or "as fast as possible", urls=self.urls,
         )
+
+    def _listen(self, name: str) -> None:
+        ws = self._reactor.listenTCP(
+            self._ports.get(f"{name}_ws", 0), self._ws[name], interface=self._host)
+        self._listening.append(ws)
+        site = Site(ReplayRest(self.recording.rest.get(name, {})))
+        site.noisy = False
+        rest = self._reactor.listenTCP(
+            self._ports.get(f"{name}_rest", 0), site, interface=self._host)
+        self._listening.append(rest)
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        self.urls[f"{name}_ws_url"] = f"ws://{host}:{ws.getHost().port}"
+        self.urls[f"{name}_rest_url"] = f"http://{host}:{rest.getHost().port}"
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
