@@ -200,3 +200,28 @@ def test_not_gzip_names_file_and_line(tmp_path):
 def test_an_empty_directory_is_no_recording(tmp_path):
     with pytest.raises(BadRecording, match="no recording files"):
         load_recording(str(tmp_path))
+
+
+def rest_get(resource, uri):
+    from twisted.web.test.requesthelper import DummyRequest
+
+    request = DummyRequest([])
+    request.uri = uri
+    body = resource.render_GET(request)
+    return request.responseCode or 200, body
+
+
+def test_rest_answers_replay_in_order_by_path_and_query_else_by_path():
+    from aggregator.simulator.replay import ReplayRest
+
+    rest = ReplayRest({
+        "/api/v2/order_book/btcusd/?_=1": [(200, b"first"), (200, b"second")],
+        "/api/v3/exchangeInfo": [(503, b"busy"), (200, b"info")],
+    })
+    assert rest_get(rest, b"/api/v3/exchangeInfo") == (503, b"busy")
+    assert rest_get(rest, b"/api/v3/exchangeInfo") == (200, b"info")
+    assert rest_get(rest, b"/api/v3/exchangeInfo") == (200, b"info")  # the last one again
+    # Bitstamp's cache buster differs on every run: the path decides.
+    assert rest_get(rest, b"/api/v2/order_book/btcusd/?_=99") == (200, b"first")
+    assert rest_get(rest, b"/api/v2/order_book/btcusd/?_=100") == (200, b"second")
+    assert rest_get(rest, b"/nothing")[0] == 404

@@ -266,6 +266,7 @@ class ReplayProtocol(WebSocketServerProtocol):
 
 class ReplayWsFactory(WebSocketServerFactory):
     protocol = ReplayProtocol  # type: ignore[assignment]  # autobahn protocols are not typed as twisted ones
+    noisy = False
 
     def __init__(self, connections: list[RecordedConnection], reactor: Any, speed: float) -> None:
         super().__init__()
@@ -290,15 +291,22 @@ class ReplayWsFactory(WebSocketServerFactory):
 
 
 class ReplayRest(Resource):
+    """The recorded answers of the same path and query, in order; failing that, of
+    the same path (a query carrying a time, as Bitstamp's cache buster `_=`,
+    differs on every run)."""
+
     isLeaf = True
 
     def __init__(self, answers: dict[str, list[tuple[int, bytes]]]) -> None:
         super().__init__()
         self._answers = {key: list(values) for key, values in answers.items()}
+        self._by_path: dict[str, list[tuple[int, bytes]]] = {}
+        for key, values in answers.items():
+            self._by_path.setdefault(key.partition("?")[0], []).extend(values)
 
     def render_GET(self, request: Request) -> bytes:
         uri = request.uri.decode("utf-8", "replace") if request.uri else "/"
-        answers = self._answers.get(uri)
+        answers = self._answers.get(uri) or self._by_path.get(uri.partition("?")[0])
         request.setHeader(b"content-type", b"application/json")
         if not answers:
             request.setResponseCode(404)
