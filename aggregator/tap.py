@@ -275,8 +275,9 @@ class DemoWiring(Service):
 
 
 def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueFeed]:
-    """The enabled venues' feeds (and, with --demo, the simulator they use)
-    as children of `root`: the simulator first, so it stops last."""
+    """The enabled venues' feeds (and, with --demo, the simulator they use;
+    with --record, the recorder) as children of `root`: the simulator first,
+    so it stops last."""
     feeds = [
         VenueFeed(
             VENUES[name], options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor
@@ -305,6 +306,8 @@ def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueF
     for feed in feeds:
         feed.setName(feed.name)
         feed.setServiceParent(root)
+    if options["record"] is not None:
+        add_recorder(root, options, feeds, reactor)
     return feeds
 
 
@@ -340,8 +343,6 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
         metrics_server.setName("metrics")
         metrics_server.setServiceParent(root)
     feeds = add_feeds(root, options, reactor)
-    if options["record"] is not None:
-        add_recorder(root, options, feeds, reactor)
     merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"])
     merger.setName("merger")
     merger.setServiceParent(root)
