@@ -99,7 +99,10 @@ async def test_a_recorded_demo_replays_to_the_same_summaries_twice(tmp_path):
     live = await run_daemon(
         "--record", directory, until=lambda _: aio(asyncio.sleep(RECORD_SECONDS)))
     recording = load_recording(directory)
-    assert len(recording.connections[VENUE]) == 1
+    (connection,) = recording.connections[VENUE]
+    kinds = {frame.kind for frame in connection.frames}
+    assert kinds == {"in", "out"}  # the daemon's subscribe, the venue's frames
+    assert recording.rest[VENUE]  # the symbol list
     assert len(live) > 20, "too few changes recorded to compare anything"
 
     first = await run_daemon(
