@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import treq
@@ -29,6 +29,12 @@ class HttpError(Exception):
         super().__init__(f"HTTP {status} from {url}: {self.body!r}")
 
 
+class HttpObserver(Protocol):
+    """Sees every answer (--record, aggregator/recording.py)."""
+
+    def responded(self, url: str, status: int, body: bytes) -> None: ...
+
+
 class JsonHttp:
     """GETs JSON documents from one REST host within its request budget."""
 
@@ -41,6 +47,7 @@ class JsonHttp:
         self._client = HTTPClient(Agent(reactor, pool=self._pool))
         self.limiter = limiter if limiter is not None else RestLimiter(reactor, 1200.0)
         self._timeout = timeout
+        self.observer: HttpObserver | None = None  # set by the feed when recording
 
     def get_json(self, url: str, weight: float = 1.0) -> Deferred[Any]:
         """Fires with the decoded document; fails with HttpError on non-2xx."""
@@ -53,6 +60,8 @@ class JsonHttp:
             body = await treq.content(response)
         finally:
             self.limiter.release()
+        if self.observer is not None:
+            self.observer.responded(url, response.code, body)
         if not 200 <= response.code < 300:
             retry_after = _seconds(response.headers.getRawHeaders(b"retry-after", [None])[0])
             if response.code in BACK_OFF_STATUSES:

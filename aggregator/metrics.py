@@ -87,3 +87,9 @@ BOOK_RESETS = Counter(
     "Live books replaced by a snapshot the venue sent mid-stream, by cause (snapshot, restart).",
     ["exchange", "reason"],
 )
+
+# -- Recording (--record) ---------------------------------------------------------
+RECORD_DROPPED = Counter(
+    "aggregator_record_dropped",
+    "Recorded events (frames, REST answers) dropped: the write buffer was full or the disk failed.",
+)

@@ -38,6 +38,7 @@ from aggregator.tls import BadKeyPair, KeyPair, read_client_ca, read_key_pair  #
 
 if TYPE_CHECKING:
     from aggregator.simulator import SimulatorService
+    from aggregator.simulator.replay import ReplayService
 
 DEFAULT_URLS = {
     f"{name}-{kind}-url": url
@@ -119,6 +120,12 @@ class Options(usage.Options):
          "text, or json: one JSON object per line, where twistd logs "
          "(stdout with -n, else --logfile)."],
         *NATS_PARAMETERS,  # scaling out (aggregator/nats/options.py)
+        # -- record and replay (aggregator/recording.py, docs/RECORDING.md) --
+        ["record", None, None,
+         "Record every venue connection's frames and REST answers into this directory "
+         "(gzip JSON lines, docs/RECORDING.md); replay with aggregator-sim --replay DIR."],
+        ["record-max-mb", None, 1024, "With --record: disk cap in MB; the oldest files go first.",
+         int],
     ]
 
     def __init__(self) -> None:
@@ -163,8 +170,11 @@ class Options(usage.Options):
             self["symbols"] = [normalize(s) for s in self["symbols"].split(",") if s.strip()]
         except InvalidSymbol as error:
             raise usage.UsageError(f"--symbols: {error}")
-        if self["demo-source"] not in DEMO_SOURCES:
-            raise usage.UsageError(f"--demo-source must be one of {', '.join(DEMO_SOURCES)}")
+        self._check_recording()
+        if self["demo-source"] not in DEMO_SOURCES and not self["demo-source"].startswith("replay:"):
+            raise usage.UsageError(
+                f"--demo-source must be one of {', '.join(DEMO_SOURCES)} or replay:DIR"
+            )
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
@@ -173,6 +183,25 @@ class Options(usage.Options):
         # (tests build the service directly, on ports of their own).
         if self.parent is not None:
             self._check_ports()
+
+    def _check_recording(self) -> None:
+        """--record and --demo-source replay:DIR (aggregator/recording.py, simulator/replay.py)."""
+        if self["record-max-mb"] < 1:
+            raise usage.UsageError("--record-max-mb must be at least 1")
+        if self["record"] is not None:
+            from aggregator.recording import CannotRecord, check_writable
+
+            try:
+                check_writable(self["record"])
+            except CannotRecord as error:
+                raise StartupError(f"--record: {error}")
+        if self["demo-source"].startswith("replay:"):
+            from aggregator.simulator.replay import BadRecording, load_recording
+
+            try:
+                self["replay"] = load_recording(self["demo-source"].removeprefix("replay:"))
+            except BadRecording as error:
+                raise StartupError(f"--demo-source: {error}")
 
     def _check_operations(self) -> None:
         try:
@@ -234,7 +263,7 @@ class DemoWiring(Service):
     """Points the feeds at the simulator once it listens (its ports are
     ephemeral, so they are known only after it started)."""
 
-    def __init__(self, simulator: SimulatorService, feeds: list[VenueFeed]) -> None:
+    def __init__(self, simulator: SimulatorService | ReplayService, feeds: list[VenueFeed]) -> None:
         self.simulator = simulator
         self.feeds = feeds
 
@@ -246,15 +275,23 @@ class DemoWiring(Service):
 
 
 def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueFeed]:
-    """The enabled venues' feeds (and, with --demo, the simulator they use)
-    as children of `root`: the simulator first, so it stops last."""
+    """The enabled venues' feeds (and, with --demo, the simulator they use;
+    with --record, the recorder) as children of `root`: the simulator first,
+    so it stops last."""
     feeds = [
         VenueFeed(
             VENUES[name], options[f"{name}-ws-url"], options[f"{name}-rest-url"], reactor=reactor
         )
         for name in options["exchanges"]
     ]
-    if options["demo"]:
+    if options["demo"] and options.get("replay") is not None:
+        from aggregator.simulator.replay import ReplayService
+
+        simulator = ReplayService(options["replay"], reactor=reactor, speed=options["demo-speed"])
+        simulator.setName("simulator")
+        simulator.setServiceParent(root)
+        DemoWiring(simulator, feeds).setServiceParent(root)
+    elif options["demo"]:
         from aggregator.simulator import SimulatorService
 
         simulator = SimulatorService(
@@ -269,7 +306,25 @@ def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueF
     for feed in feeds:
         feed.setName(feed.name)
         feed.setServiceParent(root)
+    if options["record"] is not None:
+        add_recorder(root, options, feeds, reactor)
     return feeds
+
+
+def add_recorder(root: MultiService, options: Options, feeds: list[VenueFeed], reactor: Any) -> None:
+    """--record: the feeds' traffic to disk. After the feeds, so that it stops
+    first: the connections closed by the daemon's own shutdown are not recorded
+    (a replay would close them). Nothing is lost by starting after the feeds:
+    what they queue before the writer thread runs waits for it."""
+    from aggregator.recording import Recorder, RecordingFiles
+
+    recorder = Recorder(
+        reactor, RecordingFiles(options["record"], options["record-max-mb"] * 1024 * 1024)
+    )
+    recorder.setName("recorder")
+    recorder.setServiceParent(root)
+    for feed in feeds:
+        feed.record_to(recorder.venue(feed.name))
 
 
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:

@@ -49,6 +49,18 @@ class Startable(Protocol):
     def stopService(self) -> Deferred[None]: ...
 
 
+class ConnectionObserver(Protocol):
+    """Sees a connection's traffic (--record, aggregator/recording.py)."""
+
+    def opened(self, label: str, url: str) -> None: ...
+
+    def received(self, label: str, payload: bytes, arrival: float) -> None: ...
+
+    def sent(self, label: str, payload: bytes) -> None: ...
+
+    def closed(self, label: str, reason: str) -> None: ...
+
+
 Connector = Callable[["Connection"], Startable]
 """Makes the service that connects (and reconnects) `connection` to its URL;
 the service reports to the connection as its ConnectionHandler."""
@@ -86,6 +98,7 @@ class Connection(ConnectionHandler):
         self._next_send_at = 0.0
         self._liveness: LoopingCall | None = None
         self._rotation: IDelayedCall | None = None
+        self.observer: ConnectionObserver | None = None  # set by the feed when recording
 
     def __repr__(self) -> str:
         return f"<{self.label}>"
@@ -127,10 +140,14 @@ class Connection(ConnectionHandler):
             self._rotation = reactor.callLater(
                 self.settings.max_connection_age, self._events.connection_aged, self
             )
+        if self.observer is not None:
+            self.observer.opened(self.label, self.url)
         self._events.connection_opened(self)
 
     def message_received(self, payload: bytes) -> None:
         self.last_activity = arrival = self._reactor.seconds()
+        if self.observer is not None:
+            self.observer.received(self.label, payload, arrival)
         self._events.frame_received(self, payload, arrival)
 
     def activity(self) -> None:
@@ -144,6 +161,8 @@ class Connection(ConnectionHandler):
         lived = self._reactor.seconds() - opened_at
         self.flaps = self.flaps + 1 if lived < self.settings.healthy_period else 0
         self.protocol = None
+        if self.observer is not None:
+            self.observer.closed(self.label, reason)
         self._cancel_timers()
         self._outbox.clear()
         self._events.connection_lost(self, reason)
@@ -222,6 +241,8 @@ class Connection(ConnectionHandler):
                     self._events.all_sent(self)
                     return
                 frame = orjson.dumps(message)
+            if self.observer is not None:
+                self.observer.sent(self.label, frame)
             self.protocol.sendMessage(frame, isBinary=False)
             self._next_send_at = max(now, self._next_send_at) + interval
 

@@ -8,7 +8,7 @@ Nothing here knows a venue's wire format: the adapter
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import orjson
 from twisted.application.internet import backoffPolicy
@@ -19,15 +19,25 @@ from twisted.logger import Logger
 
 from aggregator import metrics
 from aggregator.book import ExchangeBook
-from aggregator.exchanges.connection import Connection, Connector, websocket_connector
+from aggregator.exchanges.connection import (
+    Connection,
+    ConnectionObserver,
+    Connector,
+    Startable,
+    websocket_connector,
+)
 from aggregator.exchanges.pool import ConnectionPool
 from aggregator.exchanges.symbol_list import SymbolList
 from aggregator.exchanges.venue import AdapterFactory, VenueSettings
-from aggregator.http import JsonHttp
+from aggregator.http import HttpObserver, JsonHttp
 from aggregator.instruments import Instrument
 from aggregator.reactor import IDaemonReactor, installed_reactor
 from aggregator.ratelimit import RestLimiter
 from aggregator.throttled_log import ThrottledLog
+
+
+class TrafficObserver(ConnectionObserver, HttpObserver, Protocol):
+    """Sees a venue's websocket and REST traffic (--record)."""
 
 
 class VenueFeed(Service):
@@ -59,6 +69,7 @@ class VenueFeed(Service):
         self.problems = ThrottledLog(self.log, reactor)
         self._connection_listeners: list[Callable[[str, bool], None]] = []
         self._http: JsonHttp | None = http
+        self.observer: TrafficObserver | None = None
         self.adapter = adapter(self)
         self.name = self.adapter.name
         self._settings = settings or self.adapter.settings
@@ -80,7 +91,7 @@ class VenueFeed(Service):
             self,
             reactor,
             self.retry_delay,
-            connector or websocket_connector(reactor),
+            self._observing(connector or websocket_connector(reactor)),
         )
         self._stopped = False
 
@@ -104,6 +115,19 @@ class VenueFeed(Service):
                 self._reactor, RestLimiter(self._reactor, self.adapter.settings.rest_weight_per_minute)
             )
         return self._http
+
+    # -- recording (--record) -------------------------------------------------------
+
+    def record_to(self, observer: TrafficObserver) -> None:
+        """Show `observer` the traffic of the connections made from now on and every REST answer."""
+        self.observer = self.http.observer = observer
+
+    def _observing(self, connector: Connector) -> Connector:
+        def connect(connection: Connection) -> Startable:
+            connection.observer = self.observer
+            return connector(connection)
+
+        return connect
 
     # -- what the merger (and health reporting) use ------------------------------
 

@@ -8,6 +8,7 @@ from typing import Any, Sequence, TextIO, cast
 from twisted.python import usage
 
 from .scale import DEFAULT_RATE, DEFAULT_SYMBOLS, DEFAULT_TICK
+from .replay import ReplayService
 from .service import SOURCES, SimulatorService, parse_fault_names
 from .venues import EXCHANGES
 
@@ -47,6 +48,8 @@ class Options(usage.Options):
         ["tick", None, DEFAULT_TICK, "Scale mode: generation interval in seconds.", float],
         ["faults", None, "none", "none, random, or comma-separated fault names to inject at random."],
         ["fault-interval", None, 5.0, "Seconds between random faults.", float],
+        ["replay", None, None, "Replay this --record directory instead of a --source (docs/RECORDING.md); "
+                               "--speed 0: as fast as possible."],
         ["weight-limit", None, 6000, "Binance REST request weight per minute before 429.", int],
         ["ban-seconds", None, 120.0, "Binance 418 ban length in seconds.", float],
     ]
@@ -54,7 +57,16 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["source"] not in SOURCES:
             raise usage.UsageError(f"--source must be one of {', '.join(SOURCES)}")
-        if not self["speed"] > 0:
+        if self["replay"] is not None:
+            from .replay import BadRecording, load_recording
+
+            if self["speed"] < 0:
+                raise usage.UsageError("--speed must be >= 0 with --replay")
+            try:
+                self["recording"] = load_recording(self["replay"])
+            except BadRecording as e:
+                raise usage.UsageError(str(e)) from None
+        elif not self["speed"] > 0:
             raise usage.UsageError("--speed must be > 0")
         for name, _, _, _, _ in PORT_OPTIONS:
             if not 0 <= self[name] <= 65535:
@@ -74,7 +86,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--faults: {e}") from None
 
 
-def make_service(options: Options, reactor: Any = None) -> SimulatorService:
+def make_service(options: Options, reactor: Any = None) -> SimulatorService | ReplayService:
+    ports = {name.removesuffix("-port").replace("-", "_"): options[name] for name, _, _, _, _ in PORT_OPTIONS}
+    if options["replay"] is not None:
+        return ReplayService(options["recording"], reactor=reactor, speed=options["speed"], host=options["host"],
+                             ports=ports)
     return SimulatorService(
         reactor=reactor,
         source=options["source"],
@@ -82,7 +98,7 @@ def make_service(options: Options, reactor: Any = None) -> SimulatorService:
         speed=options["speed"],
         loop=not options["no-loop"],
         host=options["host"],
-        ports={name.removesuffix("-port").replace("-", "_"): options[name] for name, _, _, _, _ in PORT_OPTIONS},
+        ports=ports,
         symbols=options["symbols"],
         rate=options["rate"],
         bitstamp_rate=options["bitstamp-rate"],
@@ -118,7 +134,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     observer = cast(ILogObserver, textFileLogObserver(sys.stderr))
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     sim = make_service(options, reactor)
-    if options["source"] == "scale":
+    if options["source"] == "scale" and options["replay"] is None:
         # This process is the simulator alone: keep the collector off the long-lived heap
         # (recorded listings, books) and collect young objects less often. ~20% more events/s.
         import gc
