@@ -46,6 +46,7 @@ DEFAULT_URLS = {
 }
 DEMO_SOURCES = ("synthetic", "recorded", "both")
 COMMAND = "twistd aggregator"
+DEMO_WEB = "127.0.0.1:9080"  # the live view's address with --demo
 
 
 class _Coerce(usage.CoerceParameter):
@@ -81,6 +82,8 @@ class Options(usage.Options):
     optFlags = [
         ["demo", None, "Start local Binance and Bitstamp simulators and use them instead "
                        "of the live exchanges (the --*-url options are ignored)."],
+        # -- live web view (aggregator/web/) --
+        ["no-web", None, "Do not serve the live view (with --demo it is on by default)."],
     ]
     optParameters = [
         ["listen", "l", "[::1]:9051", "gRPC listen address, host:port ([::] or 0.0.0.0 for all)."],
@@ -119,6 +122,11 @@ class Options(usage.Options):
          "text, or json: one JSON object per line, where twistd logs "
          "(stdout with -n, else --logfile)."],
         *NATS_PARAMETERS,  # scaling out (aggregator/nats/options.py)
+        # -- live web view (aggregator/web/) --
+        ["web", None, None,
+         "Serve the live view (the merged ladder in a browser) at http://host:port/, e.g. "
+         "127.0.0.1:9080; a port alone binds loopback (127.0.0.1); default off, "
+         f"{DEMO_WEB} with --demo."],
     ]
 
     def __init__(self) -> None:
@@ -168,6 +176,7 @@ class Options(usage.Options):
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
+        self._web()
         check_nats_options(self)
         # Last: once the command line is known to be right. Only twistd binds
         # (tests build the service directly, on ports of their own).
@@ -204,6 +213,22 @@ class Options(usage.Options):
             except ValueError as error:
                 raise usage.UsageError(f"--log-format: {error}")
 
+    # -- live web view (aggregator/web/) --
+    def _web(self) -> None:
+        """self["web"]: the live view's host:port, or "" for off."""
+        if self["no-web"]:
+            self["web"] = ""
+        elif self["web"] is None:
+            self["web"] = DEMO_WEB if self["demo"] else ""
+        elif self["web"].isdigit():
+            # Plain HTTP, no authentication: beyond this machine only when asked.
+            self["web"] = f"127.0.0.1:{self['web']}"
+        if self["web"]:
+            try:
+                split_host_port(self["web"])
+            except ValueError as error:
+                raise usage.UsageError(f"--web: {error} (or a port alone)")
+
     def _tls(self) -> KeyPair | None:
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
@@ -223,6 +248,8 @@ class Options(usage.Options):
         ports = [("listen for gRPC", self["listen"])]
         if self["metrics"]:
             ports.append(("serve metrics", self["metrics"]))
+        if self["web"]:  # live web view
+            ports.append(("serve the live view", self["web"]))
         for what, address in ports:
             try:
                 check_can_listen(what, address)
@@ -306,4 +333,22 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     )
     server.setName("grpc")
     server.setServiceParent(root)
+    # -- live web view (aggregator/web/) --
+    if options["web"]:
+        from aggregator.web import WebServer
+
+        # Last to start, first to stop: its pages close before the merger ends
+        # their subscriptions. Browsers are bounded like gRPC streams (counted
+        # apart from them) and share --max-symbols with them.
+        web = WebServer(
+            options["web"],
+            merger,
+            default_symbol=options["default-symbol"],
+            max_clients=options["max-streams"],
+            max_symbols=options["max-symbols"],
+            reactor=reactor,
+            keepalive=(options["keepalive"], options["keepalive-timeout"]),
+        )
+        web.setName("web")
+        web.setServiceParent(root)
     return root
