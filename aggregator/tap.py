@@ -125,8 +125,8 @@ class Options(usage.Options):
         # -- live web view (aggregator/web/) --
         ["web", None, None,
          "Serve the live view (the merged ladder in a browser) at http://host:port/, e.g. "
-         "127.0.0.1:9080; a port alone binds loopback (127.0.0.1); default off, "
-         f"{DEMO_WEB} with --demo."],
+         "127.0.0.1:9080; a port alone binds loopback (127.0.0.1); empty: off. Default "
+         f"off, {DEMO_WEB} with --demo."],
     ]
 
     def __init__(self) -> None:
