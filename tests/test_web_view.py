@@ -293,3 +293,23 @@ async def test_a_port_in_use_is_one_clear_error(source):
             taken.startService()
     finally:
         await server.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nothing_is_sent_once_closing(source):
+    server = start(source)
+    try:
+        page = await open_page(server)
+        await until(lambda: page.binaries)
+        (client,) = server.clients.open
+        (subscription,) = source.subscriptions
+        page.transport.pauseProducing()  # the close handshake stays unanswered a while
+        client.sendClose(STOPPING, "the daemon is stopping")
+        subscription.offer(b"after the close")
+        client.resumeProducing()  # as the transport does once the close frame is out
+        assert client.sent == 1
+        page.transport.resumeProducing()
+        assert await page.closed == STOPPING
+        assert page.binaries == [b"first ethbtc"]
+    finally:
+        await server.stopService()

@@ -199,9 +199,13 @@ class SummaryStreamProtocol(WebSocketServerProtocol):
     def stopProducing(self) -> None:
         self._release()
 
+    def _open(self) -> bool:
+        # Closing (our close frame or theirs on its way): nothing more to send.
+        return bool(self.state == WebSocketServerProtocol.STATE_OPEN)
+
     def _send_next(self) -> None:
         subscription = self.subscription
-        if subscription is None or not self._writable or self._waiting:
+        if subscription is None or not self._writable or self._waiting or not self._open():
             return
         summary = subscription.take()
         if summary is not None:
@@ -212,7 +216,7 @@ class SummaryStreamProtocol(WebSocketServerProtocol):
 
     def _arrived(self, summary: bytes | None) -> None:
         self._waiting = False
-        if self.subscription is None:
+        if self.subscription is None or not self._open():
             return  # closed meanwhile
         if summary is None:  # the merger stopped
             self.sendClose(STOPPING, "the daemon is stopping")
