@@ -214,12 +214,15 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--log-format: {error}")
 
     # -- live web view (aggregator/web/) --
+    web_by_default = False  # --demo's address, not one asked for
+
     def _web(self) -> None:
         """self["web"]: the live view's host:port, or "" for off."""
         if self["no-web"]:
             self["web"] = ""
         elif self["web"] is None:
             self["web"] = DEMO_WEB if self["demo"] else ""
+            self.web_by_default = bool(self["web"])
         elif self["web"].isdigit():
             # Plain HTTP, no authentication: beyond this machine only when asked.
             self["web"] = f"127.0.0.1:{self['web']}"
@@ -248,13 +251,21 @@ class Options(usage.Options):
         ports = [("listen for gRPC", self["listen"])]
         if self["metrics"]:
             ports.append(("serve metrics", self["metrics"]))
-        if self["web"]:  # live web view
-            ports.append(("serve the live view", self["web"]))
         for what, address in ports:
             try:
                 check_can_listen(what, address)
             except CannotListen as error:
                 raise StartupError(str(error))
+        if self["web"]:  # live web view
+            try:
+                check_can_listen("serve the live view", self["web"])
+            except CannotListen as error:
+                if not self.web_by_default:
+                    raise StartupError(str(error))
+                # Not asked for: a second demo (or a test's) must still start.
+                sys.stderr.write(f"{COMMAND}: warning: {error}; live view off (--web picks "
+                                 "another address)\n")
+                self["web"] = ""
 
 
 class DemoWiring(Service):

@@ -23,6 +23,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
+from aggregator._proto.orderbook_pb2 import ExchangeState, Level, Summary
 from tests.aio import aio, wait_until
 from tests.e2e import plugin
 
@@ -158,6 +159,31 @@ async def test_the_page_shows_every_venues_levels_and_updates(tmp_path):
                 break
             await deferLater(reactor, 0.1)
         assert seen["text"] != first, "the ladder did not change in 10 s"
+
+        # The page's decoder against the generated classes' encoding: a crossed
+        # book, a non-ASCII reason, a 64-bit timestamp, a field it does not know.
+        summary = Summary(
+            spread=-0.5,
+            bids=[Level(exchange="kraken", price=100000.25, amount=1e-8)],
+            asks=[Level(exchange="binance", price=99999.75, amount=3.5),
+                  Level(exchange="bybit", price=100001.0, amount=0.125)],
+            exchanges=[ExchangeState(exchange="bybit", state=ExchangeState.STALE,
+                                     reason="gap — resyncing"),
+                       ExchangeState(exchange="kraken", state=ExchangeState.LIVE)],
+            timestamp_us=1764990000123456,
+        ).SerializeToString() + b"\x78\x01"  # field 15, varint 1
+        decoded = json.loads(await devtools.evaluate(
+            "JSON.stringify(SummaryDecoder.decode(Uint8Array.from(atob('%s'), c => c.charCodeAt(0)).buffer))"
+            % base64.b64encode(summary).decode()))
+        assert decoded == {
+            "spread": -0.5,
+            "bids": [{"exchange": "kraken", "price": 100000.25, "amount": 1e-8}],
+            "asks": [{"exchange": "binance", "price": 99999.75, "amount": 3.5},
+                     {"exchange": "bybit", "price": 100001.0, "amount": 0.125}],
+            "exchanges": [{"exchange": "bybit", "state": "STALE", "reason": "gap — resyncing"},
+                          {"exchange": "kraken", "state": "LIVE", "reason": ""}],
+            "timestampUs": 1764990000123456,
+        }
 
         shot = await devtools.command("Page.captureScreenshot", format="png")
         png = base64.b64decode(shot["data"])

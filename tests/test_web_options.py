@@ -5,7 +5,7 @@ import pytest
 from twisted.python import usage
 from twisted.test.proto_helpers import MemoryReactor
 
-from aggregator.tap import Options
+from aggregator.tap import Options, StartupError
 from aggregator.web import WebServer
 from tests.test_twistd import free_port
 from tests.test_ux_daemon import FOREGROUND, OFFLINE, run_twistd, taken_port  # noqa: F401 (fixture)
@@ -55,3 +55,23 @@ def test_the_live_view_beyond_loopback_is_warned_about(events):  # noqa: F811
     assert [e["listen"] for e in warnings(events, "reachable beyond this machine")] == [
         "0.0.0.0:9080", "[::]:9080"]
     assert len([e for e in events if e.get("log_format") == "live view at {url}"]) == 4
+
+
+def checked_ports(taken, *args):
+    options = Options()
+    options.parseOptions(["--listen", f"127.0.0.1:{free_port()}", *args])
+    options["web"] = f"127.0.0.1:{taken}"  # as if --demo's 127.0.0.1:9080 were taken
+    options._check_ports()  # what twistd runs (Options built here have no parent)
+    return options["web"]
+
+
+def test_the_demos_own_port_taken_is_a_warning_and_no_live_view(taken_port, capsys):  # noqa: F811
+    assert checked_ports(taken_port, "--demo") == ""
+    assert capsys.readouterr().err == (
+        f"twistd aggregator: warning: cannot serve the live view on 127.0.0.1:{taken_port}: "
+        "address already in use; live view off (--web picks another address)\n")
+
+
+def test_a_port_asked_for_and_taken_stays_an_error(taken_port):  # noqa: F811
+    with pytest.raises(StartupError, match="cannot serve the live view on"):
+        checked_ports(taken_port, "--demo", "--web", "9080")
