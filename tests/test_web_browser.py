@@ -139,7 +139,7 @@ async def test_the_page_shows_every_venues_levels_and_updates(tmp_path):
 
         async def look():
             value = await devtools.evaluate(LADDER)  # None while the page is still loading
-            seen.update(json.loads(value) if value else {"venues": [], "text": None})
+            seen.update(json.loads(value) if value else {"venues": [], "text": None, "error": ""})
 
         # Every venue's levels in the ladder (all five list ethbtc in the demo).
         for _ in range(300):
@@ -191,6 +191,16 @@ async def test_the_page_shows_every_venues_levels_and_updates(tmp_path):
         (tmp_path / "web-view.png").write_bytes(png)
         if os.environ.get("WEB_VIEW_SCREENSHOT"):
             Path(os.environ["WEB_VIEW_SCREENSHOT"]).write_bytes(png)
+
+        # A symbol the daemon cannot serve: the page says why.
+        await devtools.command("Page.navigate", url=url + "?symbol=nosuch")
+        for _ in range(100):
+            await look()
+            if seen.get("error"):
+                break
+            await deferLater(reactor, 0.1)
+        assert "symbol 'nosuch' is not listed by any enabled exchange" in seen["error"], seen
+        assert seen["rows"] == 0
     finally:
         if devtools is not None:
             devtools.sendClose()
