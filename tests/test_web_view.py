@@ -177,6 +177,8 @@ async def test_a_page_that_stops_reading_holds_one_frame_not_a_queue(source):
 @pytest.mark.parametrize("query, message", [
     ("?symbol=nosuch", "symbol 'nosuch' is not listed by any enabled exchange"),
     ("?symbol=e%24h", "malformed symbol 'e$h'"),  # not a symbol at all
+    # Longer than a websocket close reason may be, in UTF-8.
+    ("?symbol=" + "%C3%A9" * 60, "malformed symbol '" + "é" * 60),
 ])
 @pytest_twisted.ensureDeferred
 async def test_a_bad_symbol_is_refused_with_a_message_for_the_page(source, query, message):

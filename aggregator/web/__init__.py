@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Iterable, Protocol, cast
-from urllib.parse import parse_qs
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -188,7 +187,8 @@ class SummaryStreamProtocol(WebSocketServerProtocol):
             peer=self.peer_address, reason=message,
         )
         self.sendMessage(json.dumps({"error": message, "retry": retry}).encode(), isBinary=False)
-        self.sendClose(REFUSED, message[:120])  # a close reason is at most 123 bytes
+        # A close reason is at most 123 bytes of UTF-8 (the page shows the message above).
+        self.sendClose(REFUSED, message.encode()[:120].decode(errors="ignore"))
 
     # -- IPullProducer ------------------------------------------------------
 
