@@ -187,8 +187,9 @@ class SummaryStreamProtocol(WebSocketServerProtocol):
             peer=self.peer_address, reason=message,
         )
         self.sendMessage(json.dumps({"error": message, "retry": retry}).encode(), isBinary=False)
-        # A close reason is at most 123 bytes of UTF-8 (the page shows the message above).
-        self.sendClose(REFUSED, message.encode()[:120].decode(errors="ignore"))
+        # Autobahn cuts the reason to the 123 bytes a close frame holds; the
+        # page shows the whole message sent above.
+        self.sendClose(REFUSED, message)
 
     # -- IPullProducer ------------------------------------------------------
 
