@@ -47,6 +47,7 @@ DEFAULT_URLS = {
 }
 DEMO_SOURCES = ("synthetic", "recorded", "both")
 COMMAND = "twistd aggregator"
+DEMO_WEB = "127.0.0.1:9080"  # the live view's address with --demo
 
 
 class _Coerce(usage.CoerceParameter):
@@ -82,6 +83,8 @@ class Options(usage.Options):
     optFlags = [
         ["demo", None, "Start local Binance and Bitstamp simulators and use them instead "
                        "of the live exchanges (the --*-url options are ignored)."],
+        # -- live web view (aggregator/web/) --
+        ["no-web", None, "Do not serve the live view (with --demo it is on by default)."],
     ]
     optParameters = [
         ["listen", "l", "[::1]:9051", "gRPC listen address, host:port ([::] or 0.0.0.0 for all)."],
@@ -126,6 +129,11 @@ class Options(usage.Options):
          "(gzip JSON lines, docs/RECORDING.md); replay with aggregator-sim --replay DIR."],
         ["record-max-mb", None, 1024, "With --record: disk cap in MB; the oldest files go first.",
          int],
+        # -- live web view (aggregator/web/) --
+        ["web", None, None,
+         "Serve the live view (the merged ladder in a browser) at http://host:port/, e.g. "
+         "127.0.0.1:9080; a port alone binds loopback (127.0.0.1); empty: off. Default "
+         f"off, {DEMO_WEB} with --demo."],
     ]
 
     def __init__(self) -> None:
@@ -178,6 +186,7 @@ class Options(usage.Options):
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
         self._check_operations()
+        self._web()
         check_nats_options(self)
         # Last: once the command line is known to be right. Only twistd binds
         # (tests build the service directly, on ports of their own).
@@ -233,6 +242,25 @@ class Options(usage.Options):
             except ValueError as error:
                 raise usage.UsageError(f"--log-format: {error}")
 
+    # -- live web view (aggregator/web/) --
+    web_by_default = False  # --demo's address, not one asked for
+
+    def _web(self) -> None:
+        """self["web"]: the live view's host:port, or "" for off."""
+        if self["no-web"]:
+            self["web"] = ""
+        elif self["web"] is None:
+            self["web"] = DEMO_WEB if self["demo"] else ""
+            self.web_by_default = bool(self["web"])
+        elif self["web"].isdigit():
+            # Plain HTTP, no authentication: beyond this machine only when asked.
+            self["web"] = f"127.0.0.1:{self['web']}"
+        if self["web"]:
+            try:
+                split_host_port(self["web"])
+            except ValueError as error:
+                raise usage.UsageError(f"--web: {error} (or a port alone)")
+
     def _tls(self) -> KeyPair | None:
         if (self["tls-cert"] is None) != (self["tls-key"] is None):
             raise usage.UsageError("--tls-cert and --tls-key go together")
@@ -257,6 +285,16 @@ class Options(usage.Options):
                 check_can_listen(what, address)
             except CannotListen as error:
                 raise StartupError(str(error))
+        if self["web"]:  # live web view
+            try:
+                check_can_listen("serve the live view", self["web"])
+            except CannotListen as error:
+                if not self.web_by_default:
+                    raise StartupError(str(error))
+                # Not asked for: a second demo (or a test's) must still start.
+                sys.stderr.write(f"{COMMAND}: warning: {error}; live view off (--web picks "
+                                 "another address)\n")
+                self["web"] = ""
 
 
 class DemoWiring(Service):
@@ -361,4 +399,22 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     )
     server.setName("grpc")
     server.setServiceParent(root)
+    # -- live web view (aggregator/web/) --
+    if options["web"]:
+        from aggregator.web import WebServer
+
+        # Last to start, first to stop: its pages close before the merger ends
+        # their subscriptions. Browsers are bounded like gRPC streams (counted
+        # apart from them) and share --max-symbols with them.
+        web = WebServer(
+            options["web"],
+            merger,
+            default_symbol=options["default-symbol"],
+            max_clients=options["max-streams"],
+            max_symbols=options["max-symbols"],
+            reactor=reactor,
+            keepalive=(options["keepalive"], options["keepalive-timeout"]),
+        )
+        web.setName("web")
+        web.setServiceParent(root)
     return root
