@@ -183,6 +183,8 @@ class Run:
         self.results["cryptofeed_us_per_msg"] = result["cryptofeed_us_per_msg"]
         self.results["cryptofeed_version"] = result["cryptofeed_version"]
         self.results["book_path_floor_us_per_msg"] = result.get("floor_us_per_msg")
+        self.results["bitstamp_us_per_msg"] = result["bitstamp_us_per_msg"]
+        self.results["bitstamp_floor_us_per_msg"] = result["bitstamp_floor_us_per_msg"]
         if result.get("cryptofeed_skipped"):
             self.results["cryptofeed_skipped"] = result["cryptofeed_skipped"]
             self.say(f"  cryptofeed comparison skipped: {result['cryptofeed_skipped']}")
