@@ -271,7 +271,7 @@ class ExchangeBook:
         self.state = BookState.SYNCING
         self.reason = "subscribing"
         self._listener = listener
-        metrics.BOOK_STATE.labels(exchange, symbol).state(self.state.value)
+        metrics.BOOK_STATE.state(exchange, symbol, self.state.value)
 
     @property
     def live(self) -> bool:
@@ -320,11 +320,8 @@ class ExchangeBook:
         )
         self.state = state
         self.reason = reason
-        metrics.BOOK_STATE.labels(self.exchange, self.symbol).state(state.value)
+        metrics.BOOK_STATE.state(self.exchange, self.symbol, state.value)
 
     def discard(self) -> None:
         """Nobody watches the symbol any more: forget its metric."""
-        try:
-            metrics.BOOK_STATE.remove(self.exchange, self.symbol)
-        except KeyError:
-            pass
+        metrics.BOOK_STATE.remove(self.exchange, self.symbol)
