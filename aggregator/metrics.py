@@ -131,3 +131,10 @@ BOOK_RESETS = Counter(
     "Live books replaced by a snapshot the venue sent mid-stream, by cause (snapshot, restart).",
     ["exchange", "reason"],
 )
+
+GC_PAUSE = Histogram(
+    "aggregator_gc_pause_seconds",
+    "Garbage-collector runs (the event loop stands still meanwhile), by generation.",
+    ["generation"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
