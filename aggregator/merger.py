@@ -269,10 +269,12 @@ class _View:
         return self.exchanges is None or exchange in self.exchanges
 
     def statuses(self, books: dict[str, ExchangeBook]) -> tuple[ExchangeStatus, ...]:
+        # `books` is kept in name order (Merger._watch_if_listed).
+        exchanges = self.exchanges
         return tuple(
             (name, book.state, book.reason)
-            for name, book in sorted(books.items())
-            if self.shows(name)
+            for name, book in books.items()
+            if exchanges is None or name in exchanges
         )
 
     def merge(self, books: Iterable[ExchangeBook]) -> KeyedTop:
@@ -486,6 +488,8 @@ class Merger(Service):
             return
         book = ExchangeBook(feed.name, symbol, self._book_changed, self.depth)
         state.books[feed.name] = book
+        # In name order, as Summaries list the exchanges: no sort per publish.
+        state.books = dict(sorted(state.books.items()))
         feed.watch(book)
 
     # -- merge and fan-out ----------------------------------------------------
