@@ -18,7 +18,7 @@ def pauses(generation):
 def test_tuned_freezes_the_heap_raises_the_threshold_and_measures_pauses():
     before_threshold = gc.get_threshold()
     clock = Clock()
-    service = GcTuning("tuned", clock, settle=60.0)
+    service = GcTuning("tuned", clock, settle=(60.0, 300.0))
     service.startService()
     try:
         assert gc.get_threshold()[0] == YOUNG_THRESHOLD
@@ -31,6 +31,14 @@ def test_tuned_freezes_the_heap_raises_the_threshold_and_measures_pauses():
         clock.advance(60.0)
         assert gc.get_freeze_count() > frozen
         del garbage
+        more = [[] for _ in range(1000)]
+        frozen = gc.get_freeze_count()
+        clock.advance(239.0)
+        assert gc.get_freeze_count() == frozen
+        clock.advance(1.0)  # 300 s after start
+        assert gc.get_freeze_count() > frozen
+        assert not clock.getDelayedCalls()  # a bounded number of freezes
+        del more
     finally:
         service.stopService()
     assert gc.get_threshold() == before_threshold
