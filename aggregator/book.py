@@ -15,7 +15,9 @@ client can see a state the sync would have rejected.
 from __future__ import annotations
 
 import enum
+import math
 import re
+from itertools import islice
 from typing import Callable, Iterable, Sequence
 
 from sortedcontainers import SortedDict
@@ -78,12 +80,27 @@ def parse_levels(raw: object) -> list[Level]:
     """
     if type(raw) is not list:
         raise InvalidLevel(f"levels must be a list, not {type(raw).__name__}")
+    # The usual level (a pair of decimal strings) is checked and converted
+    # inline: no Python call per level. Anything else goes to parse_number,
+    # which accepts JSON numbers and names what it rejects.
+    fullmatch = _DECIMAL.fullmatch
     levels = []
     for entry in raw:
         if type(entry) is not list or len(entry) != 2:
             raise InvalidLevel(f"a level must be a [price, amount] pair: {entry!r}")
-        levels.append((parse_number(entry[0]), parse_number(entry[1])))
+        price, amount = entry
+        if type(price) is str and type(amount) is str and fullmatch(price) and fullmatch(amount):
+            levels.append((float(price), float(amount)))
+        else:
+            levels.append((parse_number(price), parse_number(amount)))
     return levels
+
+
+def check_levels(levels: Iterable[Level]) -> None:
+    """check_level for every level, the comparisons inline (no call per level)."""
+    for price, amount in levels:
+        if not (0.0 < price < MAX_VALUE and 0.0 <= amount < MAX_VALUE):
+            check_level(price, amount)  # raises, naming the level
 
 
 class OrderBook:
@@ -94,13 +111,17 @@ class OrderBook:
     them. thinner_than() tells when that matters.
     """
 
-    __slots__ = ("_bids", "_asks", "_bid_horizon", "_ask_horizon")
+    __slots__ = ("_bids", "_asks", "_bid_horizon", "_ask_horizon", "_touched_bid", "_touched_ask")
 
     def __init__(self) -> None:
         self._bids: SortedDict = SortedDict()
         self._asks: SortedDict = SortedDict()
         self._bid_horizon: float | None = None
         self._ask_horizon: float | None = None
+        # The best (highest bid, lowest ask) price changed since the last
+        # top_changed(): ±inf after a replace/clear ("anything may have").
+        self._touched_bid = math.inf
+        self._touched_ask = -math.inf
 
     def replace(
         self, bids: Iterable[Level], asks: Iterable[Level], truncated_at: int | None = None
@@ -111,8 +132,9 @@ class OrderBook:
         back that full may have more levels beyond its last one.
         """
         bids, asks = list(bids), list(asks)
-        for price, amount in bids + asks:
-            check_level(price, amount)
+        check_levels(bids)
+        check_levels(asks)
+        self._touched_bid, self._touched_ask = math.inf, -math.inf
         self._bids = SortedDict((p, a) for p, a in bids if a > 0.0)
         self._asks = SortedDict((p, a) for p, a in asks if a > 0.0)
         self._bid_horizon = self._ask_horizon = None
@@ -139,28 +161,56 @@ class OrderBook:
         Validates everything before changing anything: a rejected update leaves
         the book as it was.
         """
-        for price, amount in bids:
-            check_level(price, amount)
-        for price, amount in asks:
-            check_level(price, amount)
-        _apply_side(self._bids, bids)
-        _apply_side(self._asks, asks)
+        check_levels(bids)
+        check_levels(asks)
+        if bids:
+            _apply_side(self._bids, bids)
+            self._touched_bid = max(self._touched_bid, max(bids)[0])
+        if asks:
+            _apply_side(self._asks, asks)
+            self._touched_ask = min(self._touched_ask, min(asks)[0])
 
     def clear(self) -> None:
         self._bids.clear()
         self._asks.clear()
         self._bid_horizon = self._ask_horizon = None
+        self._touched_bid, self._touched_ask = math.inf, -math.inf
+
+    def top_changed(self, n: int) -> bool:
+        """Whether the top `n` of a side may differ from what it was at the
+        previous call (which this one forgets). Exact in the "no" direction:
+        when every price changed since then lies beyond the current n-th
+        level, the levels at or inside it were never touched, so they are the
+        same n levels as before. One bisection per side, no lists built.
+        """
+        touched_bid, touched_ask = self._touched_bid, self._touched_ask
+        self._touched_bid, self._touched_ask = -math.inf, math.inf
+        if n <= 0:
+            return False
+        bids, asks = self._bids, self._asks
+        # The n-th level through C iterators (indexing the keys view costs
+        # Python calls).
+        if touched_bid != -math.inf and (
+            len(bids) < n or touched_bid >= next(islice(reversed(bids), n - 1, None))
+        ):
+            return True
+        return touched_ask != math.inf and (
+            len(asks) < n or touched_ask <= next(islice(asks, n - 1, None))
+        )
 
     def top_bids(self, n: int) -> list[Level]:
         """Best (highest) first."""
         bids = self._bids
-        prices = bids.keys()[: -n - 1 : -1] if n > 0 else []
-        return [(p, bids[p]) for p in prices]
+        # reversed()/iter() of a SortedDict run over its sorted keys in C;
+        # indexing its keys view costs Python calls per level.
+        prices = list(islice(reversed(bids), n)) if n > 0 else []
+        return list(zip(prices, map(bids.__getitem__, prices)))
 
     def top_asks(self, n: int) -> list[Level]:
         """Best (lowest) first."""
         asks = self._asks
-        return [(p, asks[p]) for p in asks.keys()[:n]] if n > 0 else []
+        prices = list(islice(asks, n)) if n > 0 else []
+        return list(zip(prices, map(asks.__getitem__, prices)))
 
     def best_bid(self) -> float | None:
         return self._bids.keys()[-1] if self._bids else None
@@ -216,22 +266,27 @@ class ExchangeBook:
         # (None while not live): most diffs only touch deeper levels, and then
         # nothing needs re-merging. Owned by the listener.
         self.merged_top: tuple[list[Level], list[Level]] | None = None
+        # The same levels as the listener's merge keys (aggregator/merger.py).
+        self.merge_keys: tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]] | None = None
         self.state = BookState.SYNCING
         self.reason = "subscribing"
         self._listener = listener
-        metrics.BOOK_STATE.labels(exchange, symbol).state(self.state.value)
+        metrics.BOOK_STATE.state(exchange, symbol, self.state.value)
 
     @property
     def live(self) -> bool:
         return self.state is BookState.LIVE
 
     def commit(self, arrival: float | None) -> None:
-        """The levels passed every check: a live book publishes them."""
-        if self.state is BookState.LIVE:
+        """The levels passed every check: a live book publishes them, unless
+        every change since the last notification lies beyond the top `depth`
+        (most diffs: then the merge has nothing new to read)."""
+        if self.state is BookState.LIVE and self.book.top_changed(self.depth):
             self._listener(self, arrival)
 
     def go_live(self, arrival: float | None = None) -> None:
         """The sync vouches for the levels: they take part in the merge."""
+        self.book.top_changed(self.depth)  # the listener reads the whole top now
         self._set_state(BookState.LIVE, "in sync")
         self._listener(self, arrival)
 
@@ -265,11 +320,8 @@ class ExchangeBook:
         )
         self.state = state
         self.reason = reason
-        metrics.BOOK_STATE.labels(self.exchange, self.symbol).state(state.value)
+        metrics.BOOK_STATE.state(self.exchange, self.symbol, state.value)
 
     def discard(self) -> None:
         """Nobody watches the symbol any more: forget its metric."""
-        try:
-            metrics.BOOK_STATE.remove(self.exchange, self.symbol)
-        except KeyError:
-            pass
+        metrics.BOOK_STATE.remove(self.exchange, self.symbol)

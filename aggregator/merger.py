@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable, Iterable, Protocol
 
 from twisted.application.service import Service
@@ -22,7 +22,7 @@ from aggregator import metrics
 from aggregator._proto import orderbook_pb2
 from aggregator.book import BookState, ExchangeBook, Level
 from aggregator.instruments import Instrument
-from aggregator.wire import encode_summary
+from aggregator.wire import encode_exchange_states, encode_keyed_summary, encode_summary
 
 MergedLevel = tuple[str, float, float]
 """(exchange, price, amount)."""
@@ -74,30 +74,43 @@ class Feed(Protocol):
         """Stop: nobody needs the symbol any more."""
 
 
-def merge_top(
-    tops: Iterable[tuple[str, list[Level], list[Level]]], depth: int
-) -> tuple[list[MergedLevel], list[MergedLevel]]:
-    """The merged top `depth` of (exchange, best bids, best asks) per book.
+KeyedLevel = tuple[float, float, str]
+"""A merged level as its sort key: bids (-price, -amount, exchange), asks
+(price, -amount, exchange). Their natural order is the merge order (best
+price first; on an equal price the larger amount, then the exchange name),
+so merging books is one sort of plain tuples, in C, without a key function;
+aggregator/wire.py encodes Summaries straight from them."""
 
-    Bids best (highest) first, asks best (lowest) first; on an equal price the
-    larger amount first, then the exchange name, so the order is total and the
-    result deterministic.
-    """
-    tops = list(tops)
-    if len(tops) == 1:
-        # One live book: already in order (a book has one level per price).
-        name, book_bids, book_asks = tops[0]
-        return (
-            [(name, p, a) for p, a in book_bids[:depth]],
-            [(name, p, a) for p, a in book_asks[:depth]],
-        )
-    # Sort plain tuples whose natural order is the merge order (no key function).
-    bids = sorted((-p, -a, name) for name, book_bids, _ in tops for p, a in book_bids)
-    asks = sorted((p, -a, name) for name, _, book_asks in tops for p, a in book_asks)
+KeyedTop = tuple[list[KeyedLevel], list[KeyedLevel]]
+
+
+def book_keys(exchange: str, bids: list[Level], asks: list[Level]) -> KeyedTop:
+    """One book's best levels (best first) as merge keys."""
     return (
-        [(name, -p, -a) for p, a, name in bids[:depth]],
-        [(name, p, -a) for p, a, name in asks[:depth]],
+        [(-p, -a, exchange) for p, a in bids],
+        [(p, -a, exchange) for p, a in asks],
     )
+
+
+def merge_keys(tops: list[KeyedTop], depth: int) -> KeyedTop:
+    """The merged top `depth` of the books' keyed tops (each sorted already)."""
+    if len(tops) == 1:
+        bids, asks = tops[0]
+        return bids[:depth], asks[:depth]
+    bids, asks = [], []
+    for book_bids, book_asks in tops:
+        bids += book_bids
+        asks += book_asks
+    # Timsort finds the books' sorted runs and merges them.
+    bids.sort()
+    asks.sort()
+    return bids[:depth], asks[:depth]
+
+
+def merged_levels(top: KeyedTop) -> tuple[list[MergedLevel], list[MergedLevel]]:
+    """Keyed merged levels → (exchange, price, amount), best first."""
+    bids, asks = top
+    return [(n, -p, -a) for p, a, n in bids], [(n, p, -a) for p, a, n in asks]
 
 
 def spread_of(bids: list[MergedLevel], asks: list[MergedLevel]) -> float:
@@ -132,6 +145,14 @@ def serialize_summary(
         asks,
         [(name, _WIRE_STATES[state], reason) for name, state, reason in exchanges],
         timestamp_us,
+    )
+
+
+@lru_cache(maxsize=1024)
+def _encoded_states(shown: tuple[ExchangeStatus, ...]) -> bytes:
+    # Most Summaries of a symbol show the same states: encoded once.
+    return encode_exchange_states(
+        tuple((name, _WIRE_STATES[state], reason) for name, state, reason in shown)
     )
 
 
@@ -229,7 +250,7 @@ class _View:
         self.exchanges = exchanges
         self.depth = depth
         self.subscriptions: set[Subscription] = set()
-        self.published: tuple[list[MergedLevel], list[MergedLevel]] = ([], [])
+        self.published: KeyedTop = ([], [])
         # The exchanges' states as `summary` shows them.
         self.shown: tuple[ExchangeStatus, ...] = ()
         self.published_at = _wall_clock_us()
@@ -239,29 +260,33 @@ class _View:
 
     def serialized(self) -> bytes:
         if self.summary is None:
-            self.summary = serialize_summary(*self.published, self.shown, self.published_at)
+            self.summary = encode_keyed_summary(
+                *self.published, _encoded_states(self.shown), self.published_at
+            )
         return self.summary
 
     def shows(self, exchange: str) -> bool:
         return self.exchanges is None or exchange in self.exchanges
 
     def statuses(self, books: dict[str, ExchangeBook]) -> tuple[ExchangeStatus, ...]:
+        # `books` is kept in name order (Merger._watch_if_listed).
+        exchanges = self.exchanges
         return tuple(
             (name, book.state, book.reason)
-            for name, book in sorted(books.items())
-            if self.shows(name)
+            for name, book in books.items()
+            if exchanges is None or name in exchanges
         )
 
-    def merge(self, books: Iterable[ExchangeBook]) -> tuple[list[MergedLevel], list[MergedLevel]]:
+    def merge(self, books: Iterable[ExchangeBook]) -> KeyedTop:
         # The books' tops hold --depth levels, at least this view's depth:
-        # merge_top cuts the merged result, not each book's part of it.
+        # merge_keys cuts the merged result, not each book's part of it.
         exchanges = self.exchanges
-        tops = []
-        for book in books:
-            top = book.merged_top
-            if top is not None and (exchanges is None or book.exchange in exchanges):
-                tops.append((book.exchange, top[0], top[1]))
-        return merge_top(tops, self.depth)
+        tops = [
+            book.merge_keys
+            for book in books
+            if book.merge_keys is not None and (exchanges is None or book.exchange in exchanges)
+        ]
+        return merge_keys(tops, self.depth)
 
 
 class _SymbolState:
@@ -463,6 +488,8 @@ class Merger(Service):
             return
         book = ExchangeBook(feed.name, symbol, self._book_changed, self.depth)
         state.books[feed.name] = book
+        # In name order, as Summaries list the exchanges: no sort per publish.
+        state.books = dict(sorted(state.books.items()))
         feed.watch(book)
 
     # -- merge and fan-out ----------------------------------------------------
@@ -485,6 +512,7 @@ class Merger(Service):
         if top == changed.merged_top:
             return  # the change is below this book's top N (or it stays withheld)
         changed.merged_top = top
+        changed.merge_keys = book_keys(changed.exchange, *top) if top is not None else None
         for view in state.views.values():
             if not view.shows(changed.exchange):
                 continue
@@ -496,7 +524,7 @@ class Merger(Service):
     def _publish(
         self,
         view: _View,
-        merged: tuple[list[MergedLevel], list[MergedLevel]],
+        merged: KeyedTop,
         books: dict[str, ExchangeBook],
         arrival: float | None,
     ) -> None:

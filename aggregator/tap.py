@@ -21,6 +21,7 @@ from aggregator import __version__  # noqa: E402
 from aggregator.address import CannotListen, check_can_listen, split_host_port  # noqa: E402
 from aggregator.exchanges import VENUES  # noqa: E402
 from aggregator.exchanges.feed import VenueFeed  # noqa: E402
+from aggregator.gcpause import GC_MODES, GcTuning  # noqa: E402
 from aggregator.grpc_service import (  # noqa: E402
     API_SERVICES,
     AggregatorServicer,
@@ -119,6 +120,9 @@ class Options(usage.Options):
          "Seconds between HTTP/2 pings to each client, to notice dead ones.", float],
         ["keepalive-timeout", None, 10.0,
          "Seconds without a ping's answer before a client is dropped.", float],
+        ["gc", None, "tuned",
+         "Garbage collector: tuned (freeze the start-up heap, collect young objects less "
+         "often: shorter, rarer pauses) or python (Python's defaults)."],
         ["log-format", None, "text",
          "text, or json: one JSON object per line, where twistd logs "
          "(stdout with -n, else --logfile)."],
@@ -185,6 +189,8 @@ class Options(usage.Options):
             )
         if self["demo-speed"] <= 0:
             raise usage.UsageError("--demo-speed must be positive")
+        if self["gc"] not in GC_MODES:
+            raise usage.UsageError(f"--gc must be one of {', '.join(GC_MODES)}")
         self._check_operations()
         self._web()
         check_nats_options(self)
@@ -375,6 +381,7 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
 
         return make_scaled_service(options, options["nats-config"], reactor)
     root = MultiService()
+    GcTuning(options["gc"], reactor).setServiceParent(root)
     if options["metrics"]:
         # First to start, last to stop: the metrics cover the whole run.
         metrics_server = MetricsServer(options["metrics"], reactor)

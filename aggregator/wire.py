@@ -105,3 +105,52 @@ def encode_summary(
     if timestamp_us:
         parts.append(_SUMMARY_TIMESTAMP + _varint(timestamp_us))
     return b"".join(parts)
+
+
+# -- the merger's form -----------------------------------------------------------
+# The merger keeps merged levels as sort keys, so that merging books is one
+# C-level sort: bids (-price, -amount, exchange), asks (price, -amount,
+# exchange). Encoding straight from them spares building a second list of
+# tuples per change. Book levels always have a price and an amount (zero
+# deletes), so every level takes the one-pack form.
+
+
+@lru_cache(maxsize=64)
+def _bid_head(exchange: str) -> bytes:
+    return _level_head(_SUMMARY_BIDS, exchange)
+
+
+@lru_cache(maxsize=64)
+def _ask_head(exchange: str) -> bytes:
+    return _level_head(_SUMMARY_ASKS, exchange)
+
+
+@lru_cache(maxsize=1024)
+def encode_exchange_states(exchanges: tuple[tuple[str, int, str], ...]) -> bytes:
+    """Summary.exchanges, encoded: the same few states for most Summaries of a symbol."""
+    return _repeated(_SUMMARY_EXCHANGES, (_exchange_state(*e) for e in exchanges))
+
+
+def encode_keyed_summary(
+    bid_keys: list[tuple[float, float, str]],
+    ask_keys: list[tuple[float, float, str]],
+    exchanges: bytes,
+    timestamp_us: int,
+) -> bytes:
+    """encode_summary of merged levels in the merger's key form, with the
+    exchanges' states already encoded (encode_exchange_states)."""
+    pack = _PRICE_AMOUNT
+    parts = []
+    if bid_keys and ask_keys:
+        spread = ask_keys[0][0] + bid_keys[0][0]  # ask - bid: bid keys hold -price
+        if spread != 0.0:
+            parts.append(_SUMMARY_SPREAD + _DOUBLE(spread))
+    else:
+        parts.append(_SUMMARY_SPREAD + _DOUBLE(float("nan")))
+    bid_head, ask_head = _bid_head, _ask_head
+    parts += [bid_head(name) + pack(0x11, -price, 0x19, -amount) for price, amount, name in bid_keys]
+    parts += [ask_head(name) + pack(0x11, price, 0x19, -amount) for price, amount, name in ask_keys]
+    parts.append(exchanges)
+    if timestamp_us:
+        parts.append(_SUMMARY_TIMESTAMP + _varint(timestamp_us))
+    return b"".join(parts)

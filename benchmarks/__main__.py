@@ -19,6 +19,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -124,8 +125,11 @@ QUICK = Sizes(
 
 
 class Run:
-    def __init__(self, sizes: Sizes, log_dir: Path, say: Callable[[str], None]) -> None:
+    def __init__(
+        self, sizes: Sizes, log_dir: Path, say: Callable[[str], None], daemon_args: list[str] | None = None
+    ) -> None:
         self.sizes = sizes
+        self.daemon_args = daemon_args or []
         self.log_dir = log_dir
         self.say = say
         self.daemon_cpu, self.load_cpu = procs.pin_plan()
@@ -150,6 +154,7 @@ class Run:
             max_symbols=pinned + 50,
             max_streams=2 * self.sizes.fanout_streams + 200,
             name=f"daemon-{tag}",
+            extra=self.daemon_args,
         )
         deadline = time.monotonic() + 120.0
         while daemon.live_books("binance") < pinned:
@@ -183,6 +188,8 @@ class Run:
         self.results["cryptofeed_us_per_msg"] = result["cryptofeed_us_per_msg"]
         self.results["cryptofeed_version"] = result["cryptofeed_version"]
         self.results["book_path_floor_us_per_msg"] = result.get("floor_us_per_msg")
+        self.results["bitstamp_us_per_msg"] = result["bitstamp_us_per_msg"]
+        self.results["bitstamp_floor_us_per_msg"] = result["bitstamp_floor_us_per_msg"]
         if result.get("cryptofeed_skipped"):
             self.results["cryptofeed_skipped"] = result["cryptofeed_skipped"]
             self.say(f"  cryptofeed comparison skipped: {result['cryptofeed_skipped']}")
@@ -610,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                              "or benchmarks/results/quick with --quick)")
     parser.add_argument("--logs", type=Path, default=None, help="process logs (default: a temporary directory)")
     parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout,nats")
+    parser.add_argument("--daemon-args", default="",
+                        help="extra daemon options, e.g. '--gc python' (compare runs with and without)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
@@ -623,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
 
     procs.install_cleanup()
-    run = Run(sizes, log_dir, say)
+    run = Run(sizes, log_dir, say, shlex.split(args.daemon_args))
     if run.load_cpu is not None:
         # This process (analysis between windows) stays off the daemon's CPU too.
         os.sched_setaffinity(0, {run.load_cpu})
@@ -664,7 +673,8 @@ def main(argv: list[str] | None = None) -> int:
                 **machine(),
                 "date": now.isoformat(timespec="seconds"),
                 "mode": "quick" if sizes.quick else "full",
-                "command": "python -m benchmarks" + (" --quick" if sizes.quick else ""),
+                "command": "python -m benchmarks" + (" --quick" if sizes.quick else "")
+                + (f" --daemon-args {shlex.quote(args.daemon_args)}" if args.daemon_args else ""),
                 "pinning": {"daemon_cpu": run.daemon_cpu, "load_cpu": run.load_cpu},
                 "wall_seconds": time.monotonic() - started,
                 "details": run.details,

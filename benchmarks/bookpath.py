@@ -421,6 +421,106 @@ def measure_cryptofeed(seq: Sequence, rounds: int) -> dict[str, Any]:
     return {"us_per_msg": best / len(texts) * 1e6, "messages": len(texts)}
 
 
+# -- Bitstamp: whole top-100 messages ---------------------------------------------------------
+
+BITSTAMP_PAIR = "ethusd"
+
+
+def bitstamp_frames(count: int, changed: int = 10) -> tuple[dict, list[bytes]]:
+    """The recorded ethusd snapshot's top 100 a side as `order_book_` messages (the channel's
+    shape, PROTOCOLS.md §2.3), each with the amounts of its top `changed` levels a side
+    changed; and the snapshot document that seeds the book."""
+    recording = fixtures.bitstamp_recording()
+    snap = recording.snapshots[BITSTAMP_PAIR]
+    bids = [list(level) for level in snap.bids[:100]]
+    asks = [list(level) for level in snap.asks[:100]]
+    start_us = 1_700_000_000 * 1_000_000
+    document = {"timestamp": str(start_us // 10**6), "microtimestamp": str(start_us),
+                "bids": bids, "asks": asks}
+    frames = []
+    for k in range(1, count + 1):
+        micros = start_us + k * 1000
+        new_bids = [[p, f"{float(a) + k * 1e-8:.8f}"] for p, a in bids[:changed]] + bids[changed:]
+        new_asks = [[p, f"{float(a) + k * 1e-8:.8f}"] for p, a in asks[:changed]] + asks[changed:]
+        frames.append(orjson.dumps({
+            "data": {"timestamp": str(micros // 10**6), "microtimestamp": str(micros),
+                     "bids": new_bids, "asks": new_asks},
+            "channel": f"order_book_{BITSTAMP_PAIR}", "event": "data",
+        }))
+    return document, frames
+
+
+class BitstampPath:
+    """The daemon's Bitstamp feed + merger (one book, one subscriber), minus the sockets."""
+
+    def __init__(self, document: dict) -> None:
+        from twisted.internet.task import Clock
+
+        from aggregator.exchanges.bitstamp import BitstampAdapter
+        from aggregator.exchanges.feed import VenueFeed
+        from aggregator.merger import Merger
+
+        self.clock = Clock()
+        self.clock.advance(1_700_000_000.0)
+        info = fixtures.bitstamp_pair_entry(BITSTAMP_PAIR)
+
+        def documents(url: str) -> Any:
+            return [info] if "trading-pairs-info" in url else document
+
+        self.feed = VenueFeed(BitstampAdapter, "ws://ws.invalid", "http://rest.invalid",
+                              reactor=self.clock, http=_Http(documents), connector=_no_socket)
+        self.feed.startService()
+        self.merger = Merger([self.feed], depth=10)
+        self.merger.startService()
+        self.delivered = 0
+        symbol = next(iter(self.feed.listed_symbols() or ()))
+        subscription = self.merger.subscribe(symbol)
+
+        def drain(summary: Any) -> None:
+            if summary is not None:
+                self.delivered += 1
+                subscription.next().addCallback(drain)
+
+        subscription.next().addCallback(drain)
+        self.clock.advance(0)
+        (self.connection,) = self.feed.connections
+        self.connection.connection_opened(_Protocol())
+        self.clock.advance(1.0)  # the paced subscribe frame goes out
+        self.connection.message_received(orjson.dumps({
+            "event": "bts:subscription_succeeded", "channel": f"order_book_{BITSTAMP_PAIR}", "data": {}}))
+        if not self.feed.books[symbol].live:
+            raise RuntimeError("bitstamp path: the book did not go live")
+        self.book = self.feed.books[symbol]
+
+    def run(self, frames: list[bytes]) -> float:
+        receive = self.connection.message_received
+        perf = time.perf_counter
+        start = perf()
+        for frame in frames:
+            receive(frame)
+        return perf() - start
+
+
+def measure_bitstamp(rounds: int, count: int) -> dict[str, Any]:
+    """µs per `order_book_` message (100 levels a side, top 10 changed) through the daemon's
+    Bitstamp path, and its floor: orjson's decode of the same messages."""
+    document, frames = bitstamp_frames(count)
+    best = floor = float("inf")
+    for _ in range(rounds):
+        path = BitstampPath(document)
+        gc.collect()
+        best = min(best, path.run(frames))
+        if not path.book.live or path.delivered < len(frames):
+            raise RuntimeError(f"bitstamp path: {path.delivered} Summaries for {len(frames)} messages")
+        loads = orjson.loads
+        perf = time.perf_counter
+        start = perf()
+        for frame in frames:
+            loads(frame)
+        floor = min(floor, perf() - start)
+    return {"us_per_msg": best / count * 1e6, "floor_us_per_msg": floor / count * 1e6, "messages": count}
+
+
 def run(quick: bool) -> dict[str, Any]:
     rounds = 3 if quick else 7
     synthetic = synthetic_sequence(symbols=50 if quick else 200, messages=5_000 if quick else 40_000)
@@ -438,6 +538,9 @@ def run(quick: bool) -> dict[str, Any]:
     result["ours_summaries"] = ours["summaries"]
     result["ours_recorded_us_per_msg"] = measure_ours(recorded, rounds)["us_per_msg"]
     result["floor_us_per_msg"] = measure_floor(seq, rounds)["us_per_msg"]
+    bitstamp = measure_bitstamp(rounds, 500 if quick else 3000)
+    result["bitstamp_us_per_msg"] = bitstamp["us_per_msg"]
+    result["bitstamp_floor_us_per_msg"] = bitstamp["floor_us_per_msg"]
     version = cryptofeed_version()
     result["cryptofeed_version"] = version
     if version is None:

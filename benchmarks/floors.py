@@ -135,7 +135,8 @@ def _ws_client(url: str, warmup: float, duration: float) -> dict:
     factory = WebSocketClientFactory(url)
     factory.protocol = Client
     # As the daemon's feed: no size limits.
-    factory.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0)
+    # As the daemon's client (aggregator/exchanges/websocket.py): orjson checks UTF-8.
+    factory.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0, utf8validateIncoming=False)
     connectWS(factory)
     reactor.callLater(warmup + duration + 30.0, reactor.stop)  # bounded whatever happens
     reactor.run()

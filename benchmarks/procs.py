@@ -229,6 +229,7 @@ class Daemon:
         max_symbols: int = 100,
         max_streams: int = 1100,
         name: str = "daemon",
+        extra: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -251,6 +252,7 @@ class Daemon:
         ]
         if symbols:
             argv += ["--symbols", ",".join(symbols)]
+        argv += list(extra)  # e.g. --gc python, to compare a daemon option's effect
         self.child = Child(name, argv, log_dir, cpu=cpu, ipc=False)
         self.pid = self.child.pid
         self._wait_listening(60.0)

@@ -57,6 +57,26 @@ def render(results: dict, details: dict) -> str:
             "≥ 2× cryptofeed",
             _met(speedup >= 2.0 if speedup else None),
         ))
+        floor = bp.get("floor_us_per_msg")
+        if floor:
+            rows.append((
+                "Book path against its floor",
+                _n(ours, ".1f", " µs/msg"),
+                f"floor {_n(floor, '.1f', ' µs')}",
+                f"{_n(ours / floor, '.2f')}× floor",
+                "≤ 2× floor",
+                _met(ours / floor <= 2.0),
+            ))
+        bs, bs_floor = bp.get("bitstamp_us_per_msg"), bp.get("bitstamp_floor_us_per_msg")
+        if bs is not None:
+            rows.append((
+                "Bitstamp order_book_ message (100+100 levels, top 10 changed)",
+                _n(bs, ".1f", " µs/msg"),
+                f"orjson decode alone {_n(bs_floor, '.1f', ' µs')}",
+                f"{_n(bs / bs_floor, '.2f')}× floor" if bs_floor else "—",
+                "≤ 20 µs",
+                _met(bs <= 20.0),
+            ))
     for key, r in (details.get("latency") or {}).items():
         target, met = "", None
         if key == "5k_100":

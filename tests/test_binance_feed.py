@@ -328,3 +328,17 @@ def test_recorded_traffic_reproduces_binance_book_ticker():
     assert checked == 26  # NKNUSDT 19, LRCBTC 6, BLZETH 1
     assert all(book.state is BookState.LIVE for book in h.books.values())
     assert not any(book.book.is_crossed() for book in h.books.values())
+
+
+def test_invalid_utf8_is_rejected_by_the_decoder_not_trusted():
+    """Autobahn's UTF-8 check is off (aggregator/exchanges/websocket.py): orjson's must hold."""
+    h = Harness()
+    h.live(last_update_id=100)
+    rejects = metric("aggregator_rejects_total", exchange="binance", reason="malformed_json")
+    good = diff("ethbtc", 101, 101, bids=[("1.5", "1")])
+    for bad in (b"\xff", b"\xed\xa0\x80", b"\xc0\xaf"):  # invalid byte, surrogate, overlong
+        h.receive(good.replace(b'"1.5"', b'"1.5' + bad + b'"'))
+    assert metric("aggregator_rejects_total", exchange="binance", reason="malformed_json") == rejects + 3
+    assert h.books["ethbtc"].book.top_bids(1) != [(1.5, 1.0)]
+    h.receive(good)
+    assert h.books["ethbtc"].book.top_bids(1) == [(1.5, 1.0)]

@@ -138,4 +138,88 @@ def test_recorded_snapshot_seeds_the_book():
     h.http.answer(f"{REST}/api/v2/order_book/ethusd/", document)
     book = h.books["ethusd"].book
     assert book.top_bids(1) == [(float(document["bids"][0][0]), float(document["bids"][0][1]))]
-    assert book.depth() == (len(document["bids"]), len(document["asks"]))
+    # The served depth (and one level more) is read; the rest waits for the verification.
+    expected = sorted(((float(p), float(a)) for p, a in document["bids"]), reverse=True)[:10]
+    assert book.top_bids(10) == expected
+    assert book.depth() == (11, 11)
+    sync = h.feed.adapter.syncs["ethusd"]
+    assert len(sync.held[0]) == 100  # kept for the verification: the top 100, not thousands
+
+
+def levels(start, step, count, amount="1"):
+    return [(f"{start + i * step:.2f}", amount) for i in range(count)]
+
+
+def test_a_message_whose_served_levels_did_not_change_is_not_parsed_or_published():
+    h = Harness()
+    bids, asks = levels(100, -0.01, 100), levels(101, 0.01, 100)
+    h.receive(book_message("ethbtc", 2000, bids, asks))
+    published = len(h.changes)
+    deeper = bids[:11] + levels(50, -0.01, 89, amount="7")  # only beyond the served 10 (+1)
+    h.receive(book_message("ethbtc", 3000, deeper, asks))
+    assert len(h.changes) == published
+    sync = h.feed.adapter.syncs["ethbtc"]
+    assert sync.held_time == 3000 and sync.held[0][50] == list(deeper[50])
+    h.receive(book_message("ethbtc", 2500, [("1", "1")], asks))  # still ordered by time
+    assert h.books["ethbtc"].book.top_bids(1) == [(100.0, 1.0)]
+    h.receive(book_message("ethbtc", 4000, [("100.00", "5")] + bids[1:], asks))
+    assert len(h.changes) == published + 1
+    assert h.books["ethbtc"].book.top_bids(2) == [(100.0, 5.0), (99.99, 1.0)]
+
+
+@pytest.mark.parametrize("swap", [(0, 3), (9, 10), (0, 10)])
+def test_a_message_out_of_the_documented_order_is_read_whole(swap):
+    h = Harness()
+    bids, asks = levels(100, -0.01, 100), levels(101, 0.01, 100)
+    i, j = swap
+    bids[i], bids[j] = bids[j], bids[i]
+    asks[i], asks[j] = asks[j], asks[i]
+    h.receive(book_message("ethbtc", 2000, bids, asks))
+    assert h.books["ethbtc"].book.top_bids(10) == [(round(100 - k * 0.01, 2), 1.0) for k in range(10)]
+    assert h.books["ethbtc"].book.top_asks(10) == [(round(101 + k * 0.01, 2), 1.0) for k in range(10)]
+    # The next message in order is read from its start again.
+    h.receive(book_message("ethbtc", 3000, levels(100, -0.01, 100), levels(101, 0.01, 100)))
+    assert h.books["ethbtc"].book.depth() == (11, 11)
+
+
+def test_a_bad_level_beyond_the_served_depth_is_caught_by_the_verification():
+    h = Harness()
+    h.ack_all()
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "microtimestamp": "1000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    bids = levels(100, -0.01, 100)
+    bids[60] = ("NaN", "1")
+    now_us = int(h.clock.seconds() * 1e6)
+    h.receive(book_message("ethbtc", now_us, bids, levels(101, 0.01, 100)))
+    assert h.books["ethbtc"].state is BookState.LIVE  # what it serves is sound
+    h.clock.advance(h.feed.adapter.verify_interval + 5)
+    h.connection.activity()
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "microtimestamp": str(now_us + 10**6), "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    assert h.books["ethbtc"].state is BookState.STALE
+
+
+def test_the_verification_compares_levels_beyond_the_served_depth():
+    from prometheus_client import REGISTRY
+
+    def mismatches():
+        return REGISTRY.get_sample_value(
+            "aggregator_resyncs_total", {"exchange": "bitstamp", "reason": "verify_mismatch"}) or 0.0
+
+    h = Harness()
+    h.ack_all()
+    bids, asks = levels(100, -0.01, 100), levels(101, 0.01, 100)
+    now_us = int(h.clock.seconds() * 1e6)
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "microtimestamp": str(now_us), "bids": [list(b) for b in bids], "asks": [list(a) for a in asks]})
+    before = mismatches()
+    for level, amount in ((50, "1"), (50, "2")):  # the same book, then a deep level changed
+        h.clock.advance(h.feed.adapter.verify_interval + 5)
+        h.connection.activity()
+        changed = [list(b) for b in bids]
+        changed[level][1] = amount
+        h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+            "microtimestamp": str(int(h.clock.seconds() * 1e6)), "bids": changed,
+            "asks": [list(a) for a in asks]})
+    assert mismatches() == before + 1
+    assert h.books["ethbtc"].state is BookState.LIVE

@@ -65,7 +65,9 @@ def test_parse_levels_reads_decimal_strings_numerically():
         OrderBook().apply(levels, [])
 
 
-@pytest.mark.parametrize("text", ["NaN", "inf", "-1", "1_000", " 12", "+5", "1,5", "0x10", "", "1e5e5"])
+@pytest.mark.parametrize(
+    "text", ["NaN", "inf", "-1", "1_000", " 12", "+5", "1,5", "0x10", "", "1e5e5", "-0", "\u0663", "1\n", ".5"]
+)
 def test_parse_levels_rejects_text_that_is_not_a_venue_decimal(text):
     # float() takes most of these ("1_000" is 1000.0); no venue sends them.
     with pytest.raises(InvalidLevel):
@@ -94,3 +96,34 @@ def test_crossed_detection():
     assert book_with([(2.0, 1.0)], [(2.0, 1.0)]).is_crossed()
     assert not book_with([(1.0, 1.0)], [(2.0, 1.0)]).is_crossed()
     assert not book_with([], [(2.0, 1.0)]).is_crossed()
+
+
+def test_a_bad_level_among_good_ones_is_found_wherever_it_is():
+    good = [["1.5", "2"], ["1.4", "0"]]
+    for bad in (["1.3", "1_0"], ["x", "1"], [1.3, "nan"], ["1.3"]):
+        for at in range(3):
+            with pytest.raises(InvalidLevel):
+                parse_levels(good[:at] + [bad] + good[at:])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_top_changed_says_no_only_when_the_top_is_the_same(seed):
+    import random
+
+    rng = random.Random(seed)
+    book = OrderBook()
+    book.replace([(float(p), 1.0) for p in range(1, 40)], [(float(p), 1.0) for p in range(41, 80)])
+    depth = rng.choice([1, 3, 10])
+    assert book.top_changed(depth)  # a replace changes everything
+    for _ in range(60):
+        before = (book.top_bids(depth), book.top_asks(depth))
+        for _ in range(rng.randint(1, 3)):  # several applies, one question
+            bids = [(float(rng.randint(1, 45)), float(rng.choice([0, 0, 1, 2]))) for _ in range(rng.randint(0, 3))]
+            asks = [(float(rng.randint(36, 85)), float(rng.choice([0, 0, 1, 2]))) for _ in range(rng.randint(0, 3))]
+            book.apply(bids, asks)
+        after = (book.top_bids(depth), book.top_asks(depth))
+        if not book.top_changed(depth):
+            assert after == before
+    book.clear()
+    assert book.top_changed(depth)
+    assert not book.top_changed(depth)  # asked again: nothing since

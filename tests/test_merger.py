@@ -218,10 +218,10 @@ def test_stop_ends_streams_after_pending_summary(feeds):
 
 
 @pytest.mark.parametrize("seed", range(50))
-def test_merge_top_matches_a_plain_sort_of_all_levels(seed):
+def test_merged_keys_match_a_plain_sort_of_all_levels(seed):
     import random
 
-    from aggregator.merger import merge_top
+    from aggregator.merger import book_keys, merge_keys, merged_levels
 
     rng = random.Random(seed)
     tops = []
@@ -232,7 +232,8 @@ def test_merge_top_matches_a_plain_sort_of_all_levels(seed):
                      [(p, float(rng.choice([1, 2, 3]))) for p in ask_prices]))
     bids = sorted(((n, p, a) for n, b, _ in tops for p, a in b), key=lambda l: (-l[1], -l[2], l[0]))
     asks = sorted(((n, p, a) for n, _, s in tops for p, a in s), key=lambda l: (l[1], -l[2], l[0]))
-    assert merge_top(tops, 10) == (bids[:10], asks[:10])
+    merged = merge_keys([book_keys(*top) for top in tops], 10)
+    assert merged_levels(merged) == (bids[:10], asks[:10])
 
 
 # -- per-stream views: Request.exchanges and Request.depth ---------------------------

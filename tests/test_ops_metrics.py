@@ -197,3 +197,56 @@ async def test_scraping_a_daemon_while_a_client_streams():
     finally:
         await daemon.stopService()
         await sim.stopService()
+
+
+class _Accept:
+    def __init__(self, accept):
+        self.accept = accept
+        self.headers = {}
+
+    def getHeader(self, name):
+        return self.accept
+
+    def setHeader(self, name, value):
+        self.headers[name] = value
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_book_states_are_exposed_like_an_enum_in_both_formats(openmetrics):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
+    from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+    from aggregator.book import BookState, ExchangeBook
+    from aggregator.metrics_http import MetricsResource
+
+    states = metrics.BookStates()
+    states.state("binance", "ethbtc", "syncing")
+    states.state("bitstamp", 'odd"\\name\n', "live")
+    states.state("binance", "ethbtc", "stale")  # a change replaces the book's lines
+    states.state("binance", "btcusdt", "live")
+    states.remove("binance", "btcusdt")  # a discarded book is gone
+    resource = MetricsResource(REGISTRY, states)
+    request = _Accept("application/openmetrics-text; version=1.0.0" if openmetrics else "")
+    text = resource.render_GET(request).decode()
+    families = {f.name: f for f in (parse_om if openmetrics else parse_text)(text)}
+    assert "aggregator_messages" in families  # the registry's families are still there
+    family = families["aggregator_book_state"]
+    assert family.type == ("stateset" if openmetrics else "gauge")
+    shown = {(s.labels["exchange"], s.labels["symbol"], s.labels["aggregator_book_state"]): s.value
+             for s in family.samples}
+    assert shown == {
+        ("binance", "ethbtc", "syncing"): 0.0, ("binance", "ethbtc", "live"): 0.0,
+        ("binance", "ethbtc", "stale"): 1.0,
+        ("bitstamp", 'odd"\\name\n', "syncing"): 0.0, ("bitstamp", 'odd"\\name\n', "live"): 1.0,
+        ("bitstamp", 'odd"\\name\n', "stale"): 0.0,
+    }
+    assert states.value("binance", "ethbtc") == "stale" and states.value("binance", "btcusdt") is None
+    with pytest.raises(ValueError):
+        states.state("binance", "ethbtc", "confused")
+    # The daemon's books drive the daemon's family.
+    book = ExchangeBook("binance", "xyzabc", lambda book, arrival: None)
+    assert metrics.BOOK_STATE.value("binance", "xyzabc") == "syncing"
+    book.withdraw(BookState.STALE, "test")
+    assert metrics.BOOK_STATE.value("binance", "xyzabc") == "stale"
+    book.discard()
+    assert metrics.BOOK_STATE.value("binance", "xyzabc") is None

@@ -47,3 +47,23 @@ def test_empty_summary_is_just_the_nan_spread():
     encoded = encode_summary(math.nan, [], [])
     assert math.isnan(orderbook_pb2.Summary.FromString(encoded).spread)
     assert encode_summary(0.0, [], []) == b""
+
+
+@pytest.mark.parametrize("seed", range(100))
+def test_the_mergers_keyed_form_encodes_to_the_same_bytes(seed):
+    from aggregator.wire import encode_exchange_states, encode_keyed_summary
+
+    rng = random.Random(seed)
+    # Book levels: price and amount never zero (zero deletes), best first.
+    def side(reverse):
+        prices = sorted({round(rng.uniform(1, 3), 3) for _ in range(rng.randint(0, 12))}, reverse=reverse)
+        return [(rng.choice(["binance", "kraken"]), p, rng.uniform(1e-8, 1e6)) for p in prices]
+    bids, asks = side(True), side(False)
+    spread = asks[0][1] - bids[0][1] if bids and asks else math.nan
+    exchanges = [("binance", 2, "in sync"), ("kraken", 3, "gap")][: rng.randint(0, 2)]
+    timestamp = rng.choice([0, 1_700_000_000_000_000])
+    keyed = encode_keyed_summary(
+        [(-p, -a, e) for e, p, a in bids], [(p, -a, e) for e, p, a in asks],
+        encode_exchange_states(tuple(exchanges)), timestamp,
+    )
+    assert keyed == encode_summary(spread, bids, asks, exchanges, timestamp)

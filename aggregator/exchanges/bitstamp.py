@@ -79,6 +79,11 @@ class BookSync:
         self.request: Any = None
         self.request_purpose = ""
         self.verified_at = 0.0
+        # The levels of the message the book holds, as text: those served
+        # (and one more), compared with the next message's; and the part
+        # the verification compares (VERIFY_DEPTH a side).
+        self.shown: tuple[list[Any], list[Any]] | None = None
+        self.held: tuple[list[Any], list[Any]] = ([], [])
         self.subscribe_attempts = 0
         self.crossed = False
 
@@ -107,14 +112,21 @@ class BookSync:
         self.context.resubscribe(connection, [self.symbol], delay)
 
     def message(self, data: Any, arrival: float | None, source: str) -> None:
-        """A whole book (stream message or REST snapshot)."""
+        """A whole book (stream message or REST snapshot).
+
+        Only the served depth is parsed (a message is 100 levels a side, a
+        REST snapshot thousands): what lies deeper is kept as text for the
+        periodic verification, and a message whose served levels are, as
+        text, those of the book's message is not parsed at all.
+        """
         try:
             when = data["microtimestamp"]
             when = int(when) if type(when) in (str, int) else when
             if type(when) is not int:
                 raise InvalidLevel(f"microtimestamp {when!r} is not an integer")
-            bids = parse_levels(data["bids"])
-            asks = parse_levels(data["asks"])
+            raw_bids, raw_asks = data["bids"], data["asks"]
+            if type(raw_bids) is not list or type(raw_asks) is not list:
+                raise InvalidLevel("bids and asks must be lists")
         except (KeyError, TypeError, ValueError) as error:
             self._reject(source, error)
             return
@@ -129,12 +141,29 @@ class BookSync:
             )
             self.resync(f"{source} message stamped in the future", "bad_data")
             return
+        # The served levels plus one: the one beyond shows the cut is sound.
+        cut = self.book.depth + 1
+        shown: tuple[list[Any], list[Any]] | None = (raw_bids[:cut], raw_asks[:cut])
+        if shown == self.shown and self.book.live:
+            # The same text: the same levels. Newer, though, and deeper
+            # levels may differ: what the verification compares.
+            self.held_time = when
+            self.held = _verified_part(raw_bids, raw_asks)
+            return
         try:
+            bids, asks = parse_levels(raw_bids[:cut]), parse_levels(raw_asks[:cut])
+            if not (_strictly_best_first(bids, -1.0) and _strictly_best_first(asks, 1.0)):
+                # Not the documented order (PROTOCOLS.md §0, §2.3): the
+                # top cannot be read off the start, so read everything.
+                bids, asks = parse_levels(raw_bids), parse_levels(raw_asks)
+                shown = None  # parse the next message whole too
             self.book.book.replace(bids, asks)
         except InvalidLevel as error:
             self._reject(source, error)
             return
         self.held_time = when
+        self.shown = shown
+        self.held = _verified_part(raw_bids, raw_asks)
         self._note_crossing(self.book.book.is_crossed())
         self._set_state(SyncState.LIVE, f"{source} message")
         if self.book.live:
@@ -173,8 +202,17 @@ class BookSync:
             return
         if when < self.held_time:
             return  # the stream is ahead: nothing to compare at the same moment
-        book = self.book.book
-        if (book.top_bids(len(bids)), book.top_asks(len(asks))) == (bids, asks):
+        try:
+            held_bids = _best_first(parse_levels(self.held[0]), reverse=True)[:VERIFY_DEPTH]
+            held_asks = _best_first(parse_levels(self.held[1]), reverse=False)[:VERIFY_DEPTH]
+        except InvalidLevel as error:
+            # A level beyond the served depth was bad: the message was
+            # corrupt even if what it served was not.
+            self.context.reject("bad_number", "bitstamp {symbol}: held book has a bad "
+                                "level ({error})", symbol=self.symbol, error=error)
+            self.resync(f"held book has a bad level: {error}", "bad_data")
+            return
+        if (held_bids[: len(bids)], held_asks[: len(asks)]) == (bids, asks):
             return
         metrics.RESYNCS.labels("bitstamp", "verify_mismatch").inc()
         self.log.warn(
@@ -403,6 +441,23 @@ class BitstampAdapter:
             if sync is not None:
                 metrics.SUBSCRIBE_RETRIES.labels(self.name, "refused").inc()
                 sync.subscribe_refused(connection, data)
+
+
+def _strictly_best_first(levels: list[Level], sign: float) -> bool:
+    """Whether prices strictly improve towards the front (sign -1 for bids,
+    1 for asks) and no amount is zero: the front is then the book's top."""
+    for (price, amount), (deeper, _) in zip(levels, levels[1:]):
+        if not sign * price < sign * deeper or amount <= 0.0:
+            return False
+    return not levels or levels[-1][1] > 0.0
+
+
+def _verified_part(bids: list[Any], asks: list[Any]) -> tuple[list[Any], list[Any]]:
+    # A REST snapshot holds thousands of levels: only its top is kept.
+    return (
+        bids if len(bids) <= VERIFY_DEPTH else bids[:VERIFY_DEPTH],
+        asks if len(asks) <= VERIFY_DEPTH else asks[:VERIFY_DEPTH],
+    )
 
 
 def _best_first(levels: list[Level], reverse: bool) -> list[Level]:

@@ -141,6 +141,11 @@ def websocket_client_service(
         # Exchanges send large snapshots in one frame (Bitstamp: 100 levels).
         maxFramePayloadSize=0,
         maxMessagePayloadSize=0,
+        # Every message is decoded by orjson, which rejects invalid UTF-8
+        # (a malformed_json reject, the connection kept). Autobahn's own
+        # check (NVX, in C) still cost 8 µs for a 120-byte Binance diff and
+        # 83 µs for a 5 KB Bitstamp book, measured here.
+        utf8validateIncoming=False,
     )
     return ClientService(
         NamedEndpoint(f"{name or 'websocket'} at {url}", client_endpoint(reactor, url)),
