@@ -190,6 +190,8 @@ class Run:
         self.results["book_path_floor_us_per_msg"] = result.get("floor_us_per_msg")
         self.results["bitstamp_us_per_msg"] = result["bitstamp_us_per_msg"]
         self.results["bitstamp_floor_us_per_msg"] = result["bitstamp_floor_us_per_msg"]
+        self.results["venue_us_per_msg"] = result["venue_us_per_msg"]
+        self.results["venue_ratio_to_binance"] = result["venue_ratio_to_binance"]
         if result.get("cryptofeed_skipped"):
             self.results["cryptofeed_skipped"] = result["cryptofeed_skipped"]
             self.say(f"  cryptofeed comparison skipped: {result['cryptofeed_skipped']}")

@@ -12,6 +12,11 @@ handler (`Binance.message_handler`: JSON decode with Decimal, id checks, book up
 callback), if cryptofeed is installed (`pip install '.[bench]'`), starting from the same
 snapshots.
 
+Per venue (`measure_venues`): each venue's own steady-state update message (Binance
+depthUpdate, Bitstamp order_book_ whole book, Bybit delta, Coinbase l2_data update, Kraken
+checksummed book update), all making the same level changes, through that venue's adapter and
+sync, one book and one subscriber each; reported per message and as a ratio to the Binance diff.
+
 Best of several rounds (each from fresh books): the least disturbed by the machine's noise.
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import random
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -450,49 +456,78 @@ def bitstamp_frames(count: int, changed: int = 10) -> tuple[dict, list[bytes]]:
     return document, frames
 
 
-class BitstampPath:
-    """The daemon's Bitstamp feed + merger (one book, one subscriber), minus the sockets."""
+@dataclass
+class VenueCase:
+    """What bringing one venue's book live and keeping it changing takes: its adapter, its
+    REST answers (symbol list, snapshot), its in-band answers to the frames the feed sent
+    (acks, snapshot), and the steady-state update messages to time."""
 
-    def __init__(self, document: dict) -> None:
+    adapter: Any
+    documents: Callable[[str], Any]
+    greet: Callable[[list[dict]], list[bytes]]
+    frames: list[bytes]
+
+
+def _bitstamp_greet(pair: str) -> Callable[[list[dict]], list[bytes]]:
+    # The acknowledgement makes the sync fetch its REST snapshot, which goes live.
+    def greet(sent: list[dict]) -> list[bytes]:
+        return [orjson.dumps({"event": "bts:subscription_succeeded",
+                              "channel": f"order_book_{pair}", "data": {}})]
+
+    return greet
+
+
+def recorded_bitstamp_case(document: dict, frames: list[bytes]) -> VenueCase:
+    """The recorded pair's listing and snapshot, then `frames`."""
+    from aggregator.exchanges.bitstamp import BitstampAdapter
+
+    info = fixtures.bitstamp_pair_entry(BITSTAMP_PAIR)
+    return VenueCase(BitstampAdapter,
+                     lambda url: [info] if "trading-pairs-info" in url else document,
+                     _bitstamp_greet(BITSTAMP_PAIR), frames)
+
+
+class VenuePath:
+    """One venue's feed + merger (one book, one drained subscriber), minus the sockets:
+    frames go in at Connection.message_received, as the websocket hands them over."""
+
+    def __init__(self, case: VenueCase) -> None:
         from twisted.internet.task import Clock
 
-        from aggregator.exchanges.bitstamp import BitstampAdapter
         from aggregator.exchanges.feed import VenueFeed
         from aggregator.merger import Merger
 
         self.clock = Clock()
         self.clock.advance(1_700_000_000.0)
-        info = fixtures.bitstamp_pair_entry(BITSTAMP_PAIR)
-
-        def documents(url: str) -> Any:
-            return [info] if "trading-pairs-info" in url else document
-
-        self.feed = VenueFeed(BitstampAdapter, "ws://ws.invalid", "http://rest.invalid",
-                              reactor=self.clock, http=_Http(documents), connector=_no_socket)
-        self.feed.startService()
+        self.feed = VenueFeed(case.adapter, "ws://ws.invalid", "http://rest.invalid",
+                              reactor=self.clock, http=_Http(case.documents), connector=_no_socket)
+        self.feed.startService()  # the symbol list loads at once from _Http
         self.merger = Merger([self.feed], depth=10)
         self.merger.startService()
         self.delivered = 0
-        symbol = next(iter(self.feed.listed_symbols() or ()))
-        subscription = self.merger.subscribe(symbol)
+        (symbol,) = self.feed.listed_symbols() or ()
+        self._drain(self.merger.subscribe(symbol))
+        self.clock.advance(0)  # demand → the connection
+        (self.connection,) = self.feed.connections
+        protocol = _Protocol()
+        self.connection.connection_opened(protocol)
+        self.clock.advance(1.0)  # the paced subscribe frames go out
+        for reply in case.greet([orjson.loads(payload) for payload in protocol.sent]):
+            self.connection.message_received(reply)
+        self.book = self.feed.books[symbol]
+        if not self.book.live:
+            raise RuntimeError(f"{self.feed.name} path: the book did not go live")
 
-        def drain(summary: Any) -> None:
+    def _drain(self, subscription: Any) -> None:
+        def got(summary: Any) -> None:
             if summary is not None:
                 self.delivered += 1
-                subscription.next().addCallback(drain)
+                subscription.next().addCallback(got)
 
-        subscription.next().addCallback(drain)
-        self.clock.advance(0)
-        (self.connection,) = self.feed.connections
-        self.connection.connection_opened(_Protocol())
-        self.clock.advance(1.0)  # the paced subscribe frame goes out
-        self.connection.message_received(orjson.dumps({
-            "event": "bts:subscription_succeeded", "channel": f"order_book_{BITSTAMP_PAIR}", "data": {}}))
-        if not self.feed.books[symbol].live:
-            raise RuntimeError("bitstamp path: the book did not go live")
-        self.book = self.feed.books[symbol]
+        subscription.next().addCallback(got)
 
     def run(self, frames: list[bytes]) -> float:
+        """Seconds to push every frame through the path."""
         receive = self.connection.message_received
         perf = time.perf_counter
         start = perf()
@@ -505,9 +540,10 @@ def measure_bitstamp(rounds: int, count: int) -> dict[str, Any]:
     """µs per `order_book_` message (100 levels a side, top 10 changed) through the daemon's
     Bitstamp path, and its floor: orjson's decode of the same messages."""
     document, frames = bitstamp_frames(count)
+    case = recorded_bitstamp_case(document, frames)
     best = floor = float("inf")
     for _ in range(rounds):
-        path = BitstampPath(document)
+        path = VenuePath(case)
         gc.collect()
         best = min(best, path.run(frames))
         if not path.book.live or path.delivered < len(frames):
@@ -519,6 +555,230 @@ def measure_bitstamp(rounds: int, count: int) -> dict[str, Any]:
             loads(frame)
         floor = min(floor, perf() - start)
     return {"us_per_msg": best / count * 1e6, "floor_us_per_msg": floor / count * 1e6, "messages": count}
+
+
+# -- every venue's own update message, the same level changes ---------------------------------
+#
+# Each venue starts from the same ladder (its channel's depth of it) and then receives the same
+# level changes, each message CHANGED_LEVELS amounts within the top 10, written the way that
+# venue writes a book change. The Binance diff is the reference the others are measured against.
+
+VENUES = ("binance", "bitstamp", "bybit", "coinbase", "kraken")
+CHANGED_LEVELS = 3
+LADDER_LEVELS = 100  # a side: Bitstamp's whole-book message, Binance's smallest snapshot
+BYBIT_DEPTH = 50  # the topic a served depth of 10 subscribes (bybit.topic_depth)
+KRAKEN_DEPTH = 10  # the book depth a served depth of 10 subscribes (kraken.subscription_depth)
+KRAKEN_DECIMALS = (2, 8)  # pair_decimals, lot_decimals: the ladder's text is at this precision
+START_US = 1_700_000_000 * 1_000_000
+Change = tuple[list[Level], list[Level]]
+
+
+def ladder() -> tuple[list[Level], list[Level]]:
+    """LADDER_LEVELS a side at a 0.01 tick around 2000, one size each, as text."""
+    bids = [(f"{2000.00 - 0.01 * i:.2f}", f"{1 + i % 7 * 0.25:.8f}") for i in range(LADDER_LEVELS)]
+    asks = [(f"{2000.01 + 0.01 * i:.2f}", f"{1 + i % 5 * 0.5:.8f}") for i in range(LADDER_LEVELS)]
+    return bids, asks
+
+
+def level_changes(count: int, seed: int = 11) -> list[Change]:
+    """Per message, CHANGED_LEVELS distinct levels among the top 10 bids and top 10 asks given
+    a new amount (never the one they hold: every message changes the top, so each makes a
+    Summary).
+    Prices stay: no level comes or goes, so every venue's book keeps its depth."""
+    rng = random.Random(seed)
+    bids, asks = (dict(side) for side in ladder())
+    sides = (list(bids), list(asks))
+    changes = []
+    for _ in range(count):
+        change: Change = ([], [])
+        for pick in rng.sample(range(20), CHANGED_LEVELS):
+            held = (bids, asks)[pick // 10]
+            price = sides[pick // 10][pick % 10]
+            size = held[price]
+            while size == held[price]:
+                size = f"{rng.randint(1, 10**9) / 1e8:.8f}"
+            held[price] = size
+            change[pick // 10].append((price, size))
+        changes.append(change)
+    return changes
+
+
+def final_top(changes: list[Change]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """The top 10 a side every venue's book must show after all the changes."""
+    bids, asks = (dict(side) for side in ladder())
+    for changed_bids, changed_asks in changes:
+        bids.update(changed_bids)
+        asks.update(changed_asks)
+    return ([(float(p), float(a)) for p, a in list(bids.items())[:10]],
+            [(float(p), float(a)) for p, a in list(asks.items())[:10]])
+
+
+def _decoded(document: dict) -> Any:
+    """A REST answer as the HTTP client hands it over: decoded JSON (levels are lists)."""
+    return orjson.loads(orjson.dumps(document))
+
+
+def binance_case(changes: list[Change]) -> VenueCase:
+    from aggregator.exchanges.binance import BinanceAdapter
+
+    bids, asks = ladder()
+    first_id = 1000
+    snapshot = _decoded({"lastUpdateId": first_id, "bids": bids, "asks": asks})
+    listing = {"rateLimits": [], "symbols": [
+        {"symbol": "ETHUSD", "status": "TRADING", "baseAsset": "ETH", "quoteAsset": "USD"}]}
+
+    def greet(sent: list[dict]) -> list[bytes]:
+        # Acknowledged, the sync fetches its REST snapshot (answered at once): live.
+        return [orjson.dumps({"result": None, "id": f["id"]}) for f in sent if f["method"] == "SUBSCRIBE"]
+
+    frames = [orjson.dumps({"stream": "ethusd@depth@100ms", "data": {
+        "e": "depthUpdate", "E": START_US // 1000 + k, "s": "ETHUSD", "U": first_id + k,
+        "u": first_id + k, "b": b, "a": a}}) for k, (b, a) in enumerate(changes, 1)]
+    return VenueCase(BinanceAdapter, lambda url: listing if "/exchangeInfo" in url else snapshot,
+                     greet, frames)
+
+
+def bitstamp_case(changes: list[Change]) -> VenueCase:
+    from aggregator.exchanges.bitstamp import BitstampAdapter
+
+    bids, asks = (dict(side) for side in ladder())
+    info = {"url_symbol": "ethusd", "name": "ETH/USD", "trading": "Enabled"}
+    snapshot = _decoded({"timestamp": str(START_US // 10**6), "microtimestamp": str(START_US),
+                         "bids": list(bids.items()), "asks": list(asks.items())})
+    frames = []
+    for k, (changed_bids, changed_asks) in enumerate(changes, 1):
+        # A whole book per change: the channel sends nothing else.
+        bids.update(changed_bids)
+        asks.update(changed_asks)
+        frames.append(orjson.dumps({
+            "data": {"timestamp": str((START_US + k) // 10**6), "microtimestamp": str(START_US + k),
+                     "bids": list(bids.items()), "asks": list(asks.items())},
+            "channel": "order_book_ethusd", "event": "data"}))
+    return VenueCase(BitstampAdapter, lambda url: [info] if "trading-pairs-info" in url else snapshot,
+                     _bitstamp_greet("ethusd"), frames)
+
+
+def bybit_case(changes: list[Change]) -> VenueCase:
+    from aggregator.exchanges.bybit import BybitAdapter
+
+    bids, asks = ladder()
+    topic = f"orderbook.{BYBIT_DEPTH}.ETHUSD"
+    listing = {"retCode": 0, "retMsg": "OK", "result": {"category": "spot", "list": [
+        {"symbol": "ETHUSD", "baseCoin": "ETH", "quoteCoin": "USD", "status": "Trading"}]}}
+    first_u = 1000
+
+    def message(kind: str, u: int, b: list[Level], a: list[Level]) -> bytes:
+        return orjson.dumps({"topic": topic, "type": kind, "ts": START_US // 1000 + u,
+                             "data": {"s": "ETHUSD", "b": b, "a": a, "u": u, "seq": u},
+                             "cts": START_US // 1000 + u})
+
+    def greet(sent: list[dict]) -> list[bytes]:
+        # Acknowledged, then the topic's snapshot in band (the topic's depth of the ladder).
+        acks = [orjson.dumps({"success": True, "ret_msg": "", "conn_id": "c1", "req_id": f["req_id"],
+                              "op": f["op"]}) for f in sent if f.get("op") == "subscribe"]
+        return [*acks, message("snapshot", first_u, bids[:BYBIT_DEPTH], asks[:BYBIT_DEPTH])]
+
+    frames = [message("delta", first_u + k, b, a) for k, (b, a) in enumerate(changes, 1)]
+    return VenueCase(BybitAdapter, lambda url: listing, greet, frames)
+
+
+def coinbase_case(changes: list[Change]) -> VenueCase:
+    from aggregator.exchanges.coinbase import CoinbaseAdapter
+
+    bids, asks = ladder()
+    listing = {"num_products": 1, "products": [
+        {"product_id": "ETH-USD", "base_currency_id": "ETH", "quote_currency_id": "USD",
+         "status": "online", "trading_disabled": False, "product_type": "SPOT", "alias": ""}]}
+
+    def message(sequence: int, channel: str, events: list[dict]) -> bytes:
+        # `sequence_num` numbers every message of the connection: the greeting's come first.
+        return orjson.dumps({"channel": channel, "client_id": "", "timestamp": "2023-11-14T22:13:20Z",
+                             "sequence_num": sequence, "events": events})
+
+    def event(kind: str, b: list[Level], a: list[Level]) -> dict:
+        return {"type": kind, "product_id": "ETH-USD", "updates": [
+            *({"side": "bid", "event_time": "2023-11-14T22:13:20Z", "price_level": p, "new_quantity": q}
+              for p, q in b),
+            *({"side": "offer", "event_time": "2023-11-14T22:13:20Z", "price_level": p, "new_quantity": q}
+              for p, q in a)]}
+
+    def greet(sent: list[dict]) -> list[bytes]:
+        return [message(0, "subscriptions", [{"subscriptions": {"level2": ["ETH-USD"]}}]),
+                message(1, "l2_data", [event("snapshot", bids, asks)])]
+
+    frames = [message(1 + k, "l2_data", [event("update", b, a)]) for k, (b, a) in enumerate(changes, 1)]
+    return VenueCase(CoinbaseAdapter, lambda url: listing, greet, frames)
+
+
+def kraken_case(changes: list[Change]) -> VenueCase:
+    from aggregator.book import OrderBook
+    from aggregator.exchanges.kraken import KrakenAdapter, order_book_checksum
+    from aggregator.instruments import Instrument
+
+    price_decimals, size_decimals = KRAKEN_DECIMALS
+    instrument = Instrument("ETH/USD", "ETH", "USD", price_decimals, size_decimals)
+    listing = {"error": [], "result": {"XETHZUSD": {
+        "altname": "ETHUSD", "wsname": "ETH/USD", "base": "XETH", "quote": "ZUSD",
+        "pair_decimals": price_decimals, "lot_decimals": size_decimals, "status": "online"}}}
+    # The venue's own book, kept alongside: each message carries its checksum after the change.
+    reference = OrderBook()
+
+    def message(kind: str, b: list[Level], a: list[Level]) -> bytes:
+        levels = ([(float(p), float(q)) for p, q in b], [(float(p), float(q)) for p, q in a])
+        if kind == "snapshot":
+            reference.replace(*levels)
+        else:
+            reference.apply(*levels)
+        return orjson.dumps({"channel": "book", "type": kind, "data": [{
+            "symbol": "ETH/USD",
+            "bids": [{"price": p, "qty": q} for p, q in levels[0]],
+            "asks": [{"price": p, "qty": q} for p, q in levels[1]],
+            "checksum": order_book_checksum(reference, instrument),
+            "timestamp": "2023-11-14T22:13:20.000000Z"}]})
+
+    bids, asks = ladder()
+    snapshot = message("snapshot", bids[:KRAKEN_DEPTH], asks[:KRAKEN_DEPTH])
+
+    def greet(sent: list[dict]) -> list[bytes]:
+        acks = [orjson.dumps({"method": "subscribe", "result": {
+            "channel": "book", "depth": KRAKEN_DEPTH, "snapshot": True, "symbol": "ETH/USD",
+            "warnings": []}, "success": True, "req_id": f["req_id"]})
+            for f in sent if f["method"] == "subscribe"]
+        return [*acks, snapshot]
+
+    frames = [message("update", b, a) for b, a in changes]
+    return VenueCase(KrakenAdapter, lambda url: listing, greet, frames)
+
+
+def measure_venues(rounds: int, count: int) -> dict[str, Any]:
+    """µs per steady-state update message of each venue, every one changing the same
+    CHANGED_LEVELS levels, through the daemon's path for that venue; and each venue's ratio
+    to the Binance diff. Rounds interleave the venues, so a noisy moment hits all of them."""
+    changes = level_changes(count)
+    top = final_top(changes)
+    makers = {"binance": binance_case, "bitstamp": bitstamp_case, "bybit": bybit_case,
+              "coinbase": coinbase_case, "kraken": kraken_case}
+    cases = {venue: makers[venue](changes) for venue in VENUES}
+    best = dict.fromkeys(VENUES, float("inf"))
+    for _ in range(rounds):
+        for venue, case in cases.items():
+            path = VenuePath(case)
+            gc.collect()
+            best[venue] = min(best[venue], path.run(case.frames))
+            _check_applied(venue, path, count, top)
+    us = {venue: seconds / count * 1e6 for venue, seconds in best.items()}
+    return {"us_per_msg": us, "ratio_to_binance": {v: us[v] / us["binance"] for v in VENUES},
+            "messages": count, "changed_levels": CHANGED_LEVELS}
+
+
+def _check_applied(venue: str, path: VenuePath, count: int, top: Any) -> None:
+    """Every message applied and published, the book live at the end: a resync (a wrong
+    checksum, a gap) would have timed a different path."""
+    book = path.book
+    shown = (book.book.top_bids(10), book.book.top_asks(10))
+    if not book.live or path.delivered < count or shown != top:
+        raise RuntimeError(f"{venue} path: live={book.live}, {path.delivered} Summaries for "
+                           f"{count} messages, top {'as' if shown == top else 'not as'} expected")
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -541,6 +801,12 @@ def run(quick: bool) -> dict[str, Any]:
     bitstamp = measure_bitstamp(rounds, 500 if quick else 3000)
     result["bitstamp_us_per_msg"] = bitstamp["us_per_msg"]
     result["bitstamp_floor_us_per_msg"] = bitstamp["floor_us_per_msg"]
+    # Short runs (tens of ms a venue): twice the rounds, for a steadier best of each.
+    venues = measure_venues(2 * rounds, 1_000 if quick else 5_000)
+    result["venue_us_per_msg"] = venues["us_per_msg"]
+    result["venue_ratio_to_binance"] = venues["ratio_to_binance"]
+    result["venue_messages"] = venues["messages"]
+    result["venue_changed_levels"] = venues["changed_levels"]
     version = cryptofeed_version()
     result["cryptofeed_version"] = version
     if version is None:

@@ -21,6 +21,31 @@ def _met(ok: Any) -> str:
     return "yes" if ok else "**no**"
 
 
+# What each venue sends for a book change.
+MESSAGE_KINDS = {"bitstamp": "order_book_ whole book", "bybit": "delta",
+                 "coinbase": "l2_data update", "kraken": "book update (checksummed)"}
+
+
+def _venue_rows(bp: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """Each venue's own update message against a Binance diff changing as many levels."""
+    us, ratios = bp.get("venue_us_per_msg"), bp.get("venue_ratio_to_binance")
+    if not us or not ratios:
+        return []
+    changed = bp.get("venue_changed_levels")
+    return [
+        (
+            f"{venue.capitalize()} {MESSAGE_KINDS.get(venue, 'update')} ({changed} levels of the top 10 changed)",
+            _n(us[venue], ".1f", " µs/msg"),
+            f"Binance diff, same changes {_n(us['binance'], '.1f', ' µs')}",
+            f"{_n(ratios[venue], '.2f')}× Binance",
+            "≤ 2× Binance",
+            _met(ratios[venue] <= 2.0),
+        )
+        for venue in sorted(us)
+        if venue != "binance"
+    ]
+
+
 def render(results: dict, details: dict) -> str:
     rows: list[tuple[str, str, str, str, str, str]] = []
     ingest = details.get("ingest", {})
@@ -77,6 +102,7 @@ def render(results: dict, details: dict) -> str:
                 "≤ 20 µs",
                 _met(bs <= 20.0),
             ))
+        rows += _venue_rows(bp)
     for key, r in (details.get("latency") or {}).items():
         target, met = "", None
         if key == "5k_100":

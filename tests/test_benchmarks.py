@@ -55,6 +55,12 @@ def test_quick_benchmark_writes_numbers(tmp_path):
             continue
         assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
         assert math.isfinite(value), (key, value)
+    # Per venue (dicts, not top-level numbers): every venue timed, each a positive number.
+    for key in ("venue_us_per_msg", "venue_ratio_to_binance"):
+        venues = results[key]
+        assert set(venues) == {"binance", "bitstamp", "bybit", "coinbase", "kraken"}, (key, venues)
+        for venue, value in venues.items():
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, venue, value)
     for key in ("python", "cpu", "date"):
         assert isinstance(results[key], str) and results[key], key
     assert results["ingest_msgs_per_s"] > 0 and results["fanout_msgs_per_s_1000"] > 0
