@@ -411,13 +411,10 @@ class BinanceAdapter:
         return {"method": method, "params": streams, "id": request_id}
 
     def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
-        metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
-        self.context.problem("subscribe_timeout", "{connection}: no reply to SUBSCRIBE {symbols}; "
-                             "sending it again", connection=connection.label, symbols=symbols)
         for key in [key for key in self._requests if key[0] is connection]:
             if self._requests[key][1] is symbols:
                 del self._requests[key]
-        self.context.resubscribe(connection, symbols, 0.0)
+        self.context.subscription_unanswered(connection, symbols)
 
     # -- syncs ---------------------------------------------------------------------
 

@@ -299,7 +299,7 @@ class BitstampAdapter:
         self.context = context
         self.syncs: dict[str, BookSync] = {}
         self._replies = PendingReplies(
-            context.reactor, self.settings.reply_timeout, self._unanswered
+            context.reactor, self.settings.reply_timeout, context.subscription_unanswered
         )
         self._verifier: LoopingCall | None = None
 
@@ -342,12 +342,6 @@ class BitstampAdapter:
             return self.context.symbol_of(channel[len(CHANNEL_PREFIX):])
         return None
 
-    def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
-        metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
-        self.context.problem("subscribe_timeout", "{connection}: no reply to subscribing "
-                             "{symbols}; sending it again", connection=connection.label,
-                             symbols=symbols)
-        self.context.resubscribe(connection, symbols, 0.0)
 
     # -- syncs ---------------------------------------------------------------------
 

@@ -256,7 +256,7 @@ class CoinbaseAdapter:
         self.sessions: dict[Connection, Session] = {}
         # Keyed by (connection, symbol): a subscription is answered by its snapshot.
         self._replies = PendingReplies(
-            context.reactor, self.settings.reply_timeout, self._unanswered
+            context.reactor, self.settings.reply_timeout, context.subscription_unanswered
         )
         self._watchdog: LoopingCall | None = None
 
@@ -330,12 +330,6 @@ class CoinbaseAdapter:
                 0, connection.send, HEARTBEATS_SUBSCRIBE
             )
 
-    def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
-        metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
-        self.context.problem("subscribe_timeout", "{connection}: no snapshot of {symbols} after "
-                             "subscribing; subscribing again", connection=connection.label,
-                             symbols=symbols)
-        self.context.resubscribe(connection, symbols, 0.0)
 
     # -- syncs ---------------------------------------------------------------------
 

@@ -200,6 +200,15 @@ class VenueFeed(Service):
     def resubscribe(self, connection: Connection, symbols: list[str], delay: float) -> None:
         self.pool.resubscribe(connection, symbols, delay)
 
+    def subscription_unanswered(self, connection: Connection, symbols: list[str]) -> None:
+        metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
+        self.problems.warn(
+            "subscribe_timeout",
+            "{connection}: no answer to subscribing {symbols}; subscribing again",
+            connection=connection.label, symbols=symbols,
+        )
+        self.pool.resubscribe(connection, symbols, 0.0)
+
     def rotate(self, connection: Connection, reason: str) -> None:
         self.pool.rotate(connection, reason)
 

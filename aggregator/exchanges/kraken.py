@@ -316,7 +316,7 @@ class KrakenAdapter:
         self._next_id = 1
         # (connection, (req_id, symbol)) → until acknowledged.
         self._replies = PendingReplies(
-            context.reactor, self.settings.reply_timeout, self._unanswered
+            context.reactor, self.settings.reply_timeout, context.subscription_unanswered
         )
 
     # -- symbol list ------------------------------------------------------------
@@ -382,12 +382,6 @@ class KrakenAdapter:
         self._next_id += 1
         return request_id
 
-    def _unanswered(self, connection: Connection, symbols: list[str]) -> None:
-        metrics.SUBSCRIBE_RETRIES.labels(self.name, "timeout").inc()
-        self.context.problem("subscribe_timeout", "{connection}: no reply to subscribing "
-                             "{symbols}; sending it again", connection=connection.label,
-                             symbols=symbols)
-        self.context.resubscribe(connection, symbols, 0.0)
 
     # -- syncs ---------------------------------------------------------------------
 

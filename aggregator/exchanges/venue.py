@@ -78,6 +78,10 @@ class FeedContext(Protocol):
     def resubscribe(self, connection: Connection, symbols: list[str], delay: float) -> None:
         """Send the subscription for `symbols` on `connection` again after `delay`."""
 
+    def subscription_unanswered(self, connection: Connection, symbols: list[str]) -> None:
+        """The venue never answered subscribing `symbols`: count it, say so
+        once per burst, and subscribe them again at once."""
+
     def rotate(self, connection: Connection, reason: str) -> None:
         """Replace `connection` make-before-break."""
 
