@@ -308,7 +308,9 @@ class ExchangeBook:
         if state is self.state:
             # Already logged as a transition; the reason clients see follows
             # (a refused subscription while syncing, say) without a new line.
-            self.reason = reason if state is not BookState.LIVE else self.reason
+            # A live book's reason stays "in sync".
+            if state is not BookState.LIVE:
+                self.reason = reason
             return
         self.log.info(
             "{exchange} {symbol}: {old} -> {new} ({reason})",

@@ -347,11 +347,10 @@ class Merger(Service):
             elif symbol in symbols:
                 listing.append(feed)
         if listing:
-            markets = {(feed.instrument(symbol).base, feed.instrument(symbol).quote) for feed in listing}
-            if len(markets) > 1:
+            markets = {feed.name: feed.instrument(symbol) for feed in listing}
+            if len({(market.base, market.quote) for market in markets.values()}) > 1:
                 described = ", ".join(
-                    f"{feed.name} {feed.instrument(symbol).base}/{feed.instrument(symbol).quote}"
-                    for feed in listing
+                    f"{name} {market.base}/{market.quote}" for name, market in markets.items()
                 )
                 raise AmbiguousSymbol(
                     f"symbol {symbol!r} names different markets ({described}): not merged"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 from aggregator.reactor import install_asyncio_reactor
 
@@ -28,8 +28,9 @@ from aggregator.grpc_service import (  # noqa: E402
     GrpcServer,
     Keepalive,
     Limits,
+    SummarySource,
 )
-from aggregator.health import Health  # noqa: E402
+from aggregator.health import Health, HealthFeed  # noqa: E402
 from aggregator.jsonlog import use_json_log  # noqa: E402
 from aggregator.merger import Merger  # noqa: E402
 from aggregator.metrics_http import MetricsServer  # noqa: E402
@@ -318,6 +319,41 @@ class DemoWiring(Service):
             feed.rest_url = self.simulator.urls[f"{feed.name}_rest_url"]
 
 
+def add_metrics(root: MultiService, options: Options, reactor: Any) -> None:
+    """With --metrics, the metrics listener; added first so that it starts
+    first and stops last: the metrics cover the whole run."""
+    if options["metrics"]:
+        metrics_server = MetricsServer(options["metrics"], reactor)
+        metrics_server.setName("metrics")
+        metrics_server.setServiceParent(root)
+
+
+def add_grpc_api(
+    root: MultiService,
+    options: Options,
+    source: SummarySource,
+    health_feeds: Sequence[HealthFeed],
+    reactor: Any,
+) -> None:
+    """Both gRPC APIs, health and reflection on --listen, streaming from
+    `source` (the merger, or a NATS edge)."""
+    servicer = AggregatorServicer(
+        source,
+        default_symbol=options["default-symbol"],
+        limits=Limits(options["max-streams"], options["max-symbols"]),
+        clock=reactor,
+    )
+    server = GrpcServer(
+        options["listen"],
+        servicer,
+        health=Health(health_feeds, API_SERVICES),
+        tls=options["tls"],
+        keepalive=Keepalive(options["keepalive"], options["keepalive-timeout"]),
+    )
+    server.setName("grpc")
+    server.setServiceParent(root)
+
+
 def add_feeds(root: MultiService, options: Options, reactor: Any) -> list[VenueFeed]:
     """The enabled venues' feeds (and, with --demo, the simulator they use;
     with --record, the recorder) as children of `root`: the simulator first,
@@ -382,30 +418,12 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
         return make_scaled_service(options, options["nats-config"], reactor)
     root = MultiService()
     GcTuning(options["gc"], reactor).setServiceParent(root)
-    if options["metrics"]:
-        # First to start, last to stop: the metrics cover the whole run.
-        metrics_server = MetricsServer(options["metrics"], reactor)
-        metrics_server.setName("metrics")
-        metrics_server.setServiceParent(root)
+    add_metrics(root, options, reactor)
     feeds = add_feeds(root, options, reactor)
     merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"])
     merger.setName("merger")
     merger.setServiceParent(root)
-    servicer = AggregatorServicer(
-        merger,
-        default_symbol=options["default-symbol"],
-        limits=Limits(options["max-streams"], options["max-symbols"]),
-        clock=reactor,
-    )
-    server = GrpcServer(
-        options["listen"],
-        servicer,
-        health=Health(feeds, API_SERVICES),
-        tls=options["tls"],
-        keepalive=Keepalive(options["keepalive"], options["keepalive-timeout"]),
-    )
-    server.setName("grpc")
-    server.setServiceParent(root)
+    add_grpc_api(root, options, merger, feeds, reactor)
     # -- live web view (aggregator/web/) --
     if options["web"]:
         from aggregator.web import WebServer

@@ -13,10 +13,8 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
-from aggregator.grpc_service import API_SERVICES, AggregatorServicer, GrpcServer, Keepalive, Limits
 from aggregator.health import Health
 from aggregator.merger import Merger
-from aggregator.metrics_http import MetricsServer
 from aggregator.nats.bus import Bus
 from aggregator.nats.edge import Edge
 from aggregator.nats.ingest import Ingest
@@ -27,11 +25,11 @@ from aggregator.nats.readiness import INGEST_SERVICE, HealthServer, IngestReadin
 def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> MultiService:
     """Children start in this order and stop in reverse: gRPC first, the bus after
     Ingest and Edge (they hand their leases and demand back over it)."""
+    # Imported here: aggregator.tap imports this module's package at start-up.
+    from aggregator.tap import add_grpc_api, add_metrics
+
     root = MultiService()
-    if options["metrics"]:
-        metrics_server = MetricsServer(options["metrics"], reactor)
-        metrics_server.setName("metrics")
-        metrics_server.setServiceParent(root)
+    add_metrics(root, options, reactor)
     merger = None
     if config.ingest:
         merger, feeds = _add_exchanges(root, options, reactor)
@@ -55,21 +53,7 @@ def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> Multi
         edge = Edge(bus, clock=reactor)
         edge.setName("edge")
         edge.setServiceParent(root)
-        servicer = AggregatorServicer(
-            edge,
-            default_symbol=options["default-symbol"],
-            limits=Limits(options["max-streams"], options["max-symbols"]),
-            clock=reactor,
-        )
-        server = GrpcServer(
-            options["listen"],
-            servicer,
-            health=Health([edge], API_SERVICES),
-            tls=options["tls"],
-            keepalive=Keepalive(options["keepalive"], options["keepalive-timeout"]),
-        )
-        server.setName("grpc")
-        server.setServiceParent(root)
+        add_grpc_api(root, options, edge, [edge], reactor)
     return root
 
 
