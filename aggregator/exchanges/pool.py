@@ -137,19 +137,11 @@ class ConnectionPool:
     def connected(self) -> bool:
         return any(connection.connected for connection in self.connections)
 
-    def carrier(self, symbol: str) -> Connection | None:
-        shard = self._shard_of_symbol.get(symbol)
-        return shard.active if shard is not None else None
-
     def predecessor(self, connection: Connection) -> Connection | None:
         for shard in self.shards:
             if shard.successor is connection:
                 return shard.active
         return None
-
-    def subscribed(self, connection: Connection, symbol: str) -> bool:
-        link = self._links.get(connection)
-        return link is not None and symbol in link.subscribed
 
     def start(self) -> None:
         self.running = True
