@@ -367,3 +367,25 @@ def test_a_message_without_data_is_rejected_and_resynced(data):
     h.receive(orjson.dumps({"topic": "orderbook.50.ETHBTC", "type": "delta", "data": data}))
     assert h.book.state is BookState.STALE
     assert metric("rejects", exchange="bybit", reason="bad_data") == rejects + 1
+
+
+def test_rewatched_before_the_unsubscribe_left_gets_a_fresh_snapshot():
+    """Unwatched and watched again in one turn (a NATS lease released and
+    claimed back): the topic never stopped, so no snapshot would ever come on
+    its own; the book was left syncing for good. It resubscribes instead."""
+    from aggregator.book import ExchangeBook
+
+    h = Harness()
+    h.live(u=100)
+    sent = len(h.sent())
+    h.feed.unwatch("ethbtc")
+    book = h.books["ethbtc"] = ExchangeBook("bybit", "ethbtc", h._changed)
+    h.feed.watch(book)
+    unsubscribe, subscribe = h.sent()[sent:]
+    assert (unsubscribe["op"], subscribe["op"]) == ("unsubscribe", "subscribe")
+    h.receive(book_message("delta", 101, bids=[("1.5", "1")]))  # the old subscription's
+    assert book.state is BookState.SYNCING
+    h.reply(unsubscribe)
+    h.reply(subscribe)
+    h.receive(book_message("snapshot", 120, [("1.2", "1")], [("2", "1")]))
+    assert book.state is BookState.LIVE and book.book.top_bids(5) == [(1.2, 1.0)]

@@ -265,6 +265,10 @@ class TopicSync:
         self._set_state(SyncState.SUBSCRIBING, reason)
         self._resubscribe(backoff)
 
+    def renew_subscription(self) -> None:
+        """Subscribe the topic afresh (unsubscribe first): its snapshot starts the book."""
+        self._resubscribe()
+
     def _resubscribe(self, backoff: bool = False) -> None:
         self.last_u = 0
         self.ahead.clear()
@@ -372,8 +376,13 @@ class BybitAdapter:
     # -- syncs ---------------------------------------------------------------------
 
     def start_sync(self, book: ExchangeBook, connection: Connection, subscribed: bool) -> None:
-        # Subscribed or not, the next snapshot on the topic makes the book live.
-        self.syncs[book.symbol] = TopicSync(self.context, book, connection, self._send_unsubscribe)
+        # The next snapshot on the topic makes the book live. A topic that is
+        # already streaming sends none by itself (only deltas): ask for one.
+        sync = self.syncs[book.symbol] = TopicSync(
+            self.context, book, connection, self._send_unsubscribe
+        )
+        if subscribed:
+            sync.renew_subscription()
 
     def synced_on(self, symbol: str) -> Connection | None:
         sync = self.syncs.get(symbol)
