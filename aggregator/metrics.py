@@ -90,6 +90,11 @@ SUMMARIES_CONFLATED = Counter(
     "aggregator_summaries_conflated",
     "Summaries dropped because a newer one replaced them before a slow client read them.",
 )
+MERGES_COALESCED = Counter(
+    "aggregator_merges_coalesced",
+    "Book changes merged together with an earlier change of the same symbol in the same "
+    "reactor turn (one re-merge and one Summary for all of them).",
+)
 STREAMS_REFUSED = Counter(
     "aggregator_streams_refused",
     "BookSummary streams refused, by status code (resource_exhausted: a limit).",

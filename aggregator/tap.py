@@ -420,7 +420,7 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     GcTuning(options["gc"], reactor).setServiceParent(root)
     add_metrics(root, options, reactor)
     feeds = add_feeds(root, options, reactor)
-    merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"])
+    merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"], reactor=reactor)
     merger.setName("merger")
     merger.setServiceParent(root)
     add_grpc_api(root, options, merger, feeds, reactor)

@@ -309,3 +309,107 @@ def test_two_markets_under_one_symbol_are_never_merged():
     assert one.watched == other.watched == []
     merger.subscribe("ethbtc")  # the others are served as usual
     merger.stopService()
+
+
+# -- one re-merge per reactor turn (Merger given a reactor) ----------------------------
+
+
+@pytest.fixture
+def turn_merger(feeds):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    merger = Merger(feeds, depth=3, reactor=clock)
+    merger.startService()
+    yield merger, clock
+    merger.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def _drained(subscription) -> list:
+    """Every Summary the subscription has been offered since the last call."""
+    got = []
+    while True:
+        data = subscription.take()
+        if data is None:
+            return got
+        got.append((summary_of(data), subscription.arrival))
+
+
+def test_changes_in_one_turn_are_merged_and_sent_once_with_the_earliest_arrival(turn_merger, feeds):
+    from aggregator import metrics
+
+    merger, clock = turn_merger
+    binance, bitstamp = feeds
+    subscription = merger.subscribe("ethbtc")
+    _drained(subscription)
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(11.0, 1.0)])
+    publish(bitstamp.books["ethbtc"], [(10.0, 2.0)], [(11.5, 1.0)])
+    clock.advance(0)
+    _drained(subscription)
+    before = metrics.MERGES_COALESCED._value.get()
+    book = binance.books["ethbtc"]
+    for arrival, amount in ((5.0, 2.0), (4.0, 3.0), (6.0, 4.0)):
+        book.book.apply([(10.0, amount)], [])
+        book.commit(arrival)
+    assert _drained(subscription) == [], "nothing is sent before the turn ends"
+    clock.advance(0)
+    ((summary, arrival),) = _drained(subscription)
+    assert levels(summary, "bids") == [("binance", 10.0, 4.0), ("bitstamp", 10.0, 2.0)]
+    assert arrival == 4.0
+    assert metrics.MERGES_COALESCED._value.get() - before == 2
+
+
+def test_a_turn_shows_the_committed_levels_not_a_later_uncommitted_change(turn_merger, feeds):
+    # A sync may change the levels again before the turn ends (a transaction
+    # spanning frames): only what it committed reaches clients.
+    merger, clock = turn_merger
+    binance, _ = feeds
+    subscription = merger.subscribe("ethbtc")
+    _drained(subscription)
+    book = binance.books["ethbtc"]
+    publish(book, [(10.0, 1.0)], [(11.0, 1.0)])
+    book.book.apply([(10.5, 7.0)], [])  # not committed
+    clock.advance(0)
+    ((summary, _),) = _drained(subscription)
+    assert levels(summary, "bids") == [("binance", 10.0, 1.0)]
+
+
+def test_a_book_withdrawn_in_the_same_turn_is_not_shown(turn_merger, feeds):
+    merger, clock = turn_merger
+    binance, bitstamp = feeds
+    subscription = merger.subscribe("ethbtc")
+    publish(bitstamp.books["ethbtc"], [(9.0, 1.0)], [])
+    clock.advance(0)
+    _drained(subscription)
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [])
+    binance.books["ethbtc"].mark_stale("gap")
+    clock.advance(0)
+    assert _drained(subscription) == [], "the merged levels ended where they were"
+
+
+def test_a_symbol_released_before_its_turn_ends_is_not_merged(turn_merger, feeds):
+    merger, clock = turn_merger
+    binance, _ = feeds
+    subscription = merger.subscribe("ethbtc")
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [])
+    subscription.close()
+    clock.advance(0)
+    assert merger.books("ethbtc") == {}
+
+
+def test_stopping_merges_what_is_due_and_leaves_no_timer(feeds):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    merger = Merger(feeds, depth=3, reactor=clock)
+    merger.startService()
+    subscription = merger.subscribe("ethbtc")
+    _drained(subscription)
+    publish(feeds[0].books["ethbtc"], [(10.0, 1.0)], [])
+    merger.stopService()
+    assert clock.getDelayedCalls() == []
+    ((summary, _),) = _drained(subscription)
+    assert levels(summary, "bids") == [("binance", 10.0, 1.0)]
+    publish(feeds[0].books["ethbtc"], [(10.0, 2.0)], [])  # stopped: merged at once
+    assert clock.getDelayedCalls() == []

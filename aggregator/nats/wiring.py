@@ -63,7 +63,7 @@ def _add_exchanges(root: MultiService, options: Any, reactor: Any) -> tuple[Merg
     feeds = add_feeds(root, options, reactor)
     # No pinned symbols here: --symbols are claimed through leases like any
     # demand, so two daemons given the same list do not both watch them.
-    merger = Merger(feeds, depth=options["depth"])
+    merger = Merger(feeds, depth=options["depth"], reactor=reactor)
     merger.setName("merger")
     merger.setServiceParent(root)
     return merger, feeds
