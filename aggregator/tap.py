@@ -87,6 +87,11 @@ class Options(usage.Options):
                        "of the live exchanges (the --*-url options are ignored)."],
         # -- live web view (aggregator/web/) --
         ["no-web", None, "Do not serve the live view (with --demo it is on by default)."],
+        ["merge-every-frame", None,
+         "Merge and publish after every frame a book commits, instead of once per reactor "
+         "turn for all of a symbol's frames in it: clients see every book state, at more CPU "
+         "under load. Implied by --demo-source replay:DIR, so that a replay's Summaries do "
+         "not depend on how its frames were grouped into reads."],
     ]
     optParameters = [
         ["listen", "l", "[::1]:9051", "gRPC listen address, host:port ([::] or 0.0.0.0 for all)."],
@@ -218,6 +223,7 @@ class Options(usage.Options):
                 self["replay"] = load_recording(self["demo-source"].removeprefix("replay:"))
             except BadRecording as error:
                 raise StartupError(f"--demo-source: {error}")
+            self["merge-every-frame"] = True
 
     def _check_operations(self) -> None:
         try:
@@ -407,6 +413,11 @@ def add_recorder(root: MultiService, options: Options, feeds: list[VenueFeed], r
         feed.record_to(recorder.venue(feed.name))
 
 
+def merge_clock(options: Any, reactor: Any) -> Any:
+    """The merger's reactor: None (a merge per frame) with --merge-every-frame."""
+    return None if options["merge-every-frame"] else reactor
+
+
 def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     """Children start in this order and stop in reverse: the gRPC server ends
     the streams first, the simulator (if any) goes last."""
@@ -420,7 +431,8 @@ def makeService(options: Options, reactor: Any = None) -> IServiceCollection:
     GcTuning(options["gc"], reactor).setServiceParent(root)
     add_metrics(root, options, reactor)
     feeds = add_feeds(root, options, reactor)
-    merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"], reactor=reactor)
+    merger = Merger(feeds, depth=options["depth"], pinned=options["symbols"],
+                    reactor=merge_clock(options, reactor))
     merger.setName("merger")
     merger.setServiceParent(root)
     add_grpc_api(root, options, merger, feeds, reactor)

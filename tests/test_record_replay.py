@@ -52,7 +52,9 @@ async def run_daemon(*args, until):
     options = plugin().options()
     options.parseOptions([
         "--listen", "127.0.0.1:0", "--exchanges", VENUE, "--symbols", SYMBOL, "--demo",
-        *PLACEHOLDER_URLS, *args,
+        # Every book state, not one per reactor turn: comparable across runs
+        # (--demo-source replay:DIR implies it).
+        "--merge-every-frame", *PLACEHOLDER_URLS, *args,
     ])
     daemon = plugin().makeService(options)
     daemon.startService()
@@ -73,7 +75,7 @@ async def run_fast(directory):
     options.parseOptions(["--replay", directory, "--speed", "0"])
     sim = cli.make_service(options)
     sim.startService()
-    daemon = await start_daemon(sim, "--exchanges", VENUE, "--symbols", SYMBOL)
+    daemon = await start_daemon(sim, "--exchanges", VENUE, "--symbols", SYMBOL, "--merge-every-frame")
     merger = daemon.getServiceNamed("merger")
     try:
         await merger.when_symbol_lists_loaded()

@@ -58,12 +58,12 @@ def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> Multi
 
 
 def _add_exchanges(root: MultiService, options: Any, reactor: Any) -> tuple[Merger, list[Any]]:
-    from aggregator.tap import add_feeds
+    from aggregator.tap import add_feeds, merge_clock
 
     feeds = add_feeds(root, options, reactor)
     # No pinned symbols here: --symbols are claimed through leases like any
     # demand, so two daemons given the same list do not both watch them.
-    merger = Merger(feeds, depth=options["depth"], reactor=reactor)
+    merger = Merger(feeds, depth=options["depth"], reactor=merge_clock(options, reactor))
     merger.setName("merger")
     merger.setServiceParent(root)
     return merger, feeds
