@@ -135,8 +135,8 @@ class OrderBook:
         check_levels(bids)
         check_levels(asks)
         self._touched_bid, self._touched_ask = math.inf, -math.inf
-        self._bids = SortedDict((p, a) for p, a in bids if a > 0.0)
-        self._asks = SortedDict((p, a) for p, a in asks if a > 0.0)
+        self._bids = _replaced(self._bids, bids)
+        self._asks = _replaced(self._asks, asks)
         self._bid_horizon = self._ask_horizon = None
         if truncated_at is not None:
             if len(bids) >= truncated_at:
@@ -227,6 +227,27 @@ class OrderBook:
 
     def depth(self) -> tuple[int, int]:
         return len(self._bids), len(self._asks)
+
+
+# A side this small is replaced in place: a whole-book message (Bitstamp's
+# served top) mostly changes amounts at the prices already held, and
+# rebuilding a SortedDict costs more than updating those.
+_REPLACED_IN_PLACE = 64
+
+
+def _replaced(side: SortedDict, levels: list[Level]) -> SortedDict:
+    """`side` holding exactly `levels` (zero amounts skipped)."""
+    if len(side) > _REPLACED_IN_PLACE or len(levels) > _REPLACED_IN_PLACE:
+        return SortedDict((p, a) for p, a in levels if a > 0.0)
+    wanted = {p: a for p, a in levels if a > 0.0}
+    for price in [p for p in side if p not in wanted]:
+        del side[price]
+    for price in [p for p in wanted if p not in side]:
+        side[price] = wanted[price]  # inserted in order by SortedDict
+    # SortedDict is a dict that also keeps its keys sorted: once every price
+    # is in, the amounts are set as in a plain dict, in one C call.
+    dict.update(side, wanted)
+    return side
 
 
 def _apply_side(side: SortedDict, levels: Sequence[Level]) -> None:

@@ -2,7 +2,7 @@ import orjson
 import pytest
 
 from aggregator.book import BookState
-from aggregator.exchanges.bitstamp import BitstampAdapter
+from aggregator.exchanges.bitstamp import BitstampAdapter, BookFrame
 from tests import recorded
 from tests.fakes import FakeProtocol, FeedHarness
 
@@ -143,7 +143,7 @@ def test_recorded_snapshot_seeds_the_book():
     assert book.top_bids(10) == expected
     assert book.depth() == (11, 11)
     sync = h.feed.adapter.syncs["ethusd"]
-    assert len(sync.held[0]) == 100  # kept for the verification: the top 100, not thousands
+    assert len(sync.held.levels()[0]) == 100  # kept for the verification: the top 100, not thousands
 
 
 def levels(start, step, count, amount="1"):
@@ -159,7 +159,7 @@ def test_a_message_whose_served_levels_did_not_change_is_not_parsed_or_published
     h.receive(book_message("ethbtc", 3000, deeper, asks))
     assert len(h.changes) == published
     sync = h.feed.adapter.syncs["ethbtc"]
-    assert sync.held_time == 3000 and sync.held[0][50] == list(deeper[50])
+    assert sync.held_time == 3000 and sync.held.levels()[0][50] == list(deeper[50])
     h.receive(book_message("ethbtc", 2500, [("1", "1")], asks))  # still ordered by time
     assert h.books["ethbtc"].book.top_bids(1) == [(100.0, 1.0)]
     h.receive(book_message("ethbtc", 4000, [("100.00", "5")] + bids[1:], asks))
@@ -223,3 +223,120 @@ def test_the_verification_compares_levels_beyond_the_served_depth():
             "asks": [list(a) for a in asks]})
     assert mismatches() == before + 1
     assert h.books["ethbtc"].state is BookState.LIVE
+
+
+# -- order_book_ frames read only as far as the served levels (BookFrame) ---------------
+
+
+def frame_levels(start, step, count):
+    # As Bitstamp sends them: amounts with 8 decimals.
+    return levels(start, step, count, amount="1.00000000")
+
+
+def _state_after(frame):
+    h = Harness()
+    h.receive(book_message("ethbtc", 2000, frame_levels(99, -0.01, 100), frame_levels(102, 0.01, 100)))
+    h.receive(frame)
+    book = h.books["ethbtc"]
+    return book.state, book.book.top_bids(10), book.book.top_asks(10), book.book.depth(), h
+
+
+def _with(index, level, count=100):
+    bids = frame_levels(100, -0.01, count)
+    bids[index] = level
+    return bids
+
+
+FRAME_CASES = {
+    "whole top 100": frame_levels(100, -0.01, 100),
+    "fewer levels than served": frame_levels(100, -0.01, 5),
+    "an empty side": [],
+    "exactly the served levels and one": frame_levels(100, -0.01, 11),
+    "whole numbers": [(str(43000 - i), "1") for i in range(100)],
+    "nan served": _with(3, ("nan", "1")),
+    "nan as the level beyond the served": _with(10, ("nan", "1")),
+    "negative amount": _with(0, ("100.00", "-1")),
+    "inf amount": _with(9, ("99.91", "inf")),
+    "not a number": _with(2, ("x", "1")),
+    "a level of one": _with(4, ("99.96",)),
+    "a level of three": _with(4, ("99.96", "1", "2")),
+    "a bracket inside a string": _with(1, ("99.99]", "1")),
+    "a leading zero": _with(0, ("0100.00", "1")),
+    "no fraction": _with(0, ("100", "1")),
+    "an exponent": _with(0, ("1.0e2", "1")),
+    "out of order": _with(0, ("99.50", "1")),
+    "a zero amount served": _with(2, ("99.98", "0.00000000")),
+    "a bad level deeper than served": _with(60, ("nan", "1")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FRAME_CASES))
+def test_a_frame_read_to_its_served_levels_gives_what_decoding_it_whole_gives(case):
+    # The compact frame goes through BookFrame; the same frame indented (a
+    # shape BookFrame does not read) is decoded whole as before.
+    bids, asks = FRAME_CASES[case], frame_levels(101, 0.01, 100)
+    compact = book_message("ethbtc", 3000, bids, asks)
+    indented = orjson.dumps(orjson.loads(compact), option=orjson.OPT_INDENT_2)
+    assert isinstance(BitstampAdapter.decode(None, compact)["data"], BookFrame)
+    assert isinstance(BitstampAdapter.decode(None, indented)["data"], dict)
+    read, whole = _state_after(compact), _state_after(indented)
+    assert read[:4] == whole[:4]
+    for side in read[1:3]:
+        assert all(type(number) is float for level in side for number in level)
+
+
+def test_a_frame_with_json_numbers_is_decoded_whole():
+    frame = orjson.dumps({"data": {"timestamp": "0", "microtimestamp": "3000",
+                                   "bids": [[100.0, 2.5]], "asks": [[101.0, 1.0]]},
+                          "channel": "order_book_ethbtc", "event": "data"})
+    state, bids, asks, _, _ = _state_after(frame)
+    assert (state, bids, asks) == (BookState.LIVE, [(100.0, 2.5)], [(101.0, 1.0)])
+
+
+def test_a_frame_malformed_beyond_its_served_levels_serves_them_until_the_verification():
+    h = Harness()
+    h.ack_all()
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "microtimestamp": "1000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    now_us = int(h.clock.seconds() * 1e6)
+    frame = book_message("ethbtc", now_us, frame_levels(100, -0.01, 100),
+                         frame_levels(101, 0.01, 100))
+    cut = frame.index(b'["99.40"')  # the 61st bid
+    frame = frame[:cut] + b"oops," + frame[cut:]  # not JSON any more
+    h.receive(frame)
+    assert h.books["ethbtc"].state is BookState.LIVE
+    assert h.books["ethbtc"].book.top_bids(1) == [(100.0, 1.0)]
+    h.clock.advance(h.feed.adapter.verify_interval + 5)
+    h.connection.activity()
+    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
+        "microtimestamp": str(now_us + 10**6), "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    assert h.books["ethbtc"].state is BookState.STALE
+
+
+def test_a_frame_of_another_shape_is_decoded_whole():
+    # Keys in another order: not read by BookFrame, still a book.
+    frame = orjson.dumps({"event": "data", "channel": "order_book_ethbtc",
+                          "data": {"microtimestamp": "3000", "timestamp": "0",
+                                   "bids": [["100.00", "2"]], "asks": [["101.00", "1"]]}})
+    assert isinstance(BitstampAdapter.decode(None, frame)["data"], dict)
+    state, bids, _, _, _ = _state_after(frame)
+    assert (state, bids) == (BookState.LIVE, [(100.0, 2.0)])
+
+
+@pytest.mark.parametrize("bids", [frame_levels(100, -0.01, 100), [(str(43000 - i), "0.5") for i in range(3)], []])
+def test_a_book_frame_reads_the_served_levels_from_its_text(bids):
+    asks = frame_levels(101, 0.01, 100)
+    channel, frame = BookFrame.read(book_message("ethbtc", 3000, bids, asks))
+    assert (channel, frame.microtimestamp) == ("order_book_ethbtc", 3000)
+    served = frame.served(11)
+    assert served is not None, "read from the text, not decoded whole"
+    top_bids, top_asks = frame.top_levels(served)
+    assert [tuple(level) for level in top_bids] == [(float(p), float(a)) for p, a in bids[:11]]
+    assert [tuple(level) for level in top_asks] == [(float(p), float(a)) for p, a in asks[:11]]
+
+
+@pytest.mark.parametrize("level", [("nan", "1"), ("1.0e2", "1"), ("99.99]", "1"), ("99.99",)])
+def test_a_book_frame_does_not_vouch_for_levels_outside_the_grammar(level):
+    _, frame = BookFrame.read(book_message("ethbtc", 3000, _with(5, level), []))
+    assert frame.served(11) is None
+    assert frame.served(5) is not None  # the levels before it are fine

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Iterable
 
+import orjson
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -371,6 +372,9 @@ class BinanceAdapter:
         )
 
     # -- symbol list ------------------------------------------------------------
+
+    # Every frame is decoded whole.
+    decode = staticmethod(orjson.loads)
 
     def connection_url(self, ws_url: str) -> str:
         return ws_url.rstrip("/") + "/stream"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable, Iterable
 
+import orjson
 from twisted.logger import Logger
 
 from aggregator import metrics
@@ -309,6 +310,9 @@ class BybitAdapter:
         )
 
     # -- symbol list ------------------------------------------------------------
+
+    # Every frame is decoded whole.
+    decode = staticmethod(orjson.loads)
 
     def connection_url(self, ws_url: str) -> str:
         return ws_url.rstrip("/") + "/v5/public/spot"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Protocol
 
-import orjson
 from twisted.application.internet import backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -251,8 +250,8 @@ class VenueFeed(Service):
     def frame_received(self, connection: Connection, payload: bytes, arrival: float) -> None:
         self._messages.inc()
         try:
-            message = orjson.loads(payload)
-        except orjson.JSONDecodeError as error:
+            message = self.adapter.decode(payload)
+        except ValueError as error:  # orjson.JSONDecodeError is one
             self.reject("malformed_json", "{feed}: malformed JSON dropped ({error})",
                         feed=self.name, error=error)
             return

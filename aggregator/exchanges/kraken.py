@@ -23,6 +23,7 @@ import enum
 import zlib
 from typing import Any, Iterable, Sequence
 
+import orjson
 from twisted.logger import Logger
 
 from aggregator import metrics
@@ -320,6 +321,9 @@ class KrakenAdapter:
         )
 
     # -- symbol list ------------------------------------------------------------
+
+    # Every frame is decoded whole.
+    decode = staticmethod(orjson.loads)
 
     def connection_url(self, ws_url: str) -> str:
         return ws_url

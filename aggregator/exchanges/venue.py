@@ -128,6 +128,11 @@ class VenueAdapter(Protocol):
     def stop_sync(self, symbol: str) -> None:
         """Drop the symbol's sync state, cancelling its timers and requests."""
 
+    def decode(self, payload: bytes) -> Any:
+        """A frame's bytes → the message handle() takes; ValueError if they
+        are not JSON. Most venues: orjson.loads. A venue may read only the
+        part of a large frame that it needs (Bitstamp's BookFrame)."""
+
     def handle(self, connection: Connection, message: Any, arrival: float) -> None:
         """One decoded frame, received at reactor time `arrival`."""
 
