@@ -189,10 +189,10 @@ class AggregatorServicer:
             loop = asyncio.get_running_loop()
             while True:
                 # A busy stream usually has its next Summary waiting: take it
-                # without the Deferred → Future round trip.
+                # without awaiting.
                 summary = subscription.take()
                 if summary is None:
-                    summary = await subscription.next().asFuture(loop)
+                    summary = await subscription.wait(loop)
                     if summary is None:
                         return
                 self._count_sent(subscription.arrival)

@@ -16,6 +16,7 @@ nothing waits longer than that turn.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from functools import lru_cache, partial
@@ -189,18 +190,26 @@ class Subscription:
         self.arrival: float | None = None
         self._pending: bytes | None = None
         self._pending_arrival: float | None = None
-        self._waiter: Deferred[Any] | None = None
+        # next()'s Deferred, or wait()'s Future.
+        self._waiter: Deferred[Any] | asyncio.Future[bytes | None] | None = None
         self._release: Callable[[Subscription], None] | None = release
         self._ended = False
 
     def offer(self, summary: bytes, arrival: float | None = None) -> bool:
         """Hand over or keep `summary`; True if it superseded one never read."""
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
-            self.delivered += 1
-            self.arrival = arrival
-            waiter.callback(summary)
-            return False
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if isinstance(waiter, Deferred):
+                self.delivered += 1
+                self.arrival = arrival
+                waiter.callback(summary)
+                return False
+            if not waiter.done():  # else its reader was cancelled: keep the Summary
+                self.delivered += 1
+                self.arrival = arrival
+                waiter.set_result(summary)
+                return False
         superseded = self._pending is not None
         if superseded:
             self.conflated += 1
@@ -227,12 +236,25 @@ class Subscription:
         self._waiter = Deferred(self._cancel_wait)
         return self._waiter
 
+    def wait(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes | None]:
+        """next() for a coroutine on `loop`: the Future it awaits is resolved
+        directly, with no Deferred (and its conversion) per Summary."""
+        future: asyncio.Future[bytes | None] = loop.create_future()
+        summary = self.take()
+        if summary is not None or self._ended:
+            future.set_result(summary)
+        else:
+            self._waiter = future
+        return future
+
     def end(self) -> None:
         """The server is going away: the stream ends after what is pending."""
         self._ended = True
-        if self._waiter is not None:
-            waiter, self._waiter = self._waiter, None
+        waiter, self._waiter = self._waiter, None
+        if isinstance(waiter, Deferred):
             waiter.callback(None)
+        elif waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def close(self) -> None:
         """The client is gone: release the demand (idempotent)."""

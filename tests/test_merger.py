@@ -413,3 +413,53 @@ def test_stopping_merges_what_is_due_and_leaves_no_timer(feeds):
     assert levels(summary, "bids") == [("binance", 10.0, 1.0)]
     publish(feeds[0].books["ethbtc"], [(10.0, 2.0)], [])  # stopped: merged at once
     assert clock.getDelayedCalls() == []
+
+
+# -- Subscription.wait: an asyncio Future per Summary, no Deferred ----------------------
+
+
+@pytest.fixture
+def loop():
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+def test_wait_resolves_with_the_pending_summary_at_once(merger, loop):
+    subscription = merger.subscribe("ethbtc")
+    future = subscription.wait(loop)
+    assert future.done() and future.result() is not None
+    assert subscription.delivered == 1
+
+
+def test_wait_is_resolved_by_the_next_offer_with_its_arrival(merger, feeds, loop):
+    subscription = merger.subscribe("ethbtc")
+    book = feeds[0].books["ethbtc"]
+    publish(book, [(10.0, 1.0)], [])
+    subscription.take()
+    future = subscription.wait(loop)
+    assert not future.done()
+    book.book.apply([(10.0, 2.0)], [])
+    book.commit(7.5)
+    assert levels(summary_of(future.result()), "bids") == [("binance", 10.0, 2.0)]
+    assert subscription.arrival == 7.5
+
+
+def test_a_cancelled_wait_keeps_the_summary_for_the_next_reader(merger, feeds, loop):
+    subscription = merger.subscribe("ethbtc")
+    subscription.take()
+    future = subscription.wait(loop)
+    future.cancel()
+    publish(feeds[0].books["ethbtc"], [(10.0, 1.0)], [])
+    assert levels(summary_of(subscription.take()), "bids") == [("binance", 10.0, 1.0)]
+
+
+def test_ending_resolves_a_waiting_future_with_none(merger, loop):
+    subscription = merger.subscribe("ethbtc")
+    subscription.take()
+    future = subscription.wait(loop)
+    subscription.end()
+    assert future.result() is None
+    assert subscription.wait(loop).result() is None

@@ -260,7 +260,7 @@ class Ingest(Service):
         while True:
             summary = owned.subscription.take()
             if summary is None:
-                summary = await owned.subscription.next().asFuture(loop)
+                summary = await owned.subscription.wait(loop)
                 if summary is None:
                     return
             owned.last = summary
