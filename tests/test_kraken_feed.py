@@ -5,8 +5,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from aggregator.book import BookState
-from aggregator.exchanges.kraken import (
-    KrakenAdapter, book_checksum, level_text, subscription_depth)
+from aggregator.exchanges.kraken import KrakenAdapter, book_checksum, subscription_depth
 from tests import recorded
 from tests.fakes import FakeProtocol, FeedHarness
 
@@ -26,6 +25,12 @@ DECIMALS = {"BTC/USD": (1, 8), "ETH/BTC": (5, 8)}
 
 def metric(name, **labels):
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def level_text(level, price_decimals, size_decimals):
+    """A level as Kraken writes it: its numbers at the pair's precision."""
+    price, size = level
+    return f"{price:.{price_decimals}f}", f"{size:.{size_decimals}f}"
 
 
 def text(native, levels):
@@ -347,9 +352,10 @@ def test_handover_before_the_successors_snapshot_starts_over_there():
     assert [f["method"] for f in new.frames()][-2:] == ["unsubscribe", "subscribe"]
 
 
-def test_prices_and_sizes_read_as_floats_format_back_exactly():
-    """orjson reads v2 numbers as floats: the checksum text is rebuilt at the
-    pair's precision, exact for numbers of up to 15 significant digits."""
+def test_prices_and_sizes_read_as_floats_scale_back_to_their_digits_exactly():
+    """orjson reads v2 numbers as floats: a checksum field (the digits without
+    the point and leading zeros) is the float times 10**decimals, rounded —
+    exact for numbers of up to 15 significant digits."""
     rng = random.Random(1)
     for _ in range(20000):
         decimals = rng.randint(0, 10)
@@ -358,7 +364,7 @@ def test_prices_and_sizes_read_as_floats_format_back_exactly():
         whole, fraction = divmod(units, 10 ** decimals)
         written = f"{whole}.{fraction:0{decimals}d}" if decimals else str(whole)
         value = orjson.loads(written.encode())
-        assert level_text((float(value), 0.0), decimals, 0)[0] == written
+        assert str(round(float(value) * 10 ** decimals)) == written.replace(".", "").lstrip("0")
 
 
 def test_every_recorded_checksum_is_reproduced():
@@ -395,3 +401,34 @@ def test_every_recorded_checksum_is_reproduced():
             matched.append(actual == int(expected))
     assert len(matched) == 4269
     assert all(matched)
+
+
+def test_the_book_checksum_from_floats_is_the_checksum_of_the_venues_text():
+    # order_book_checksum scales the floats to integers instead of formatting
+    # them: the same CRC as the text Kraken writes, for any pair precision.
+    from aggregator.book import OrderBook
+    from aggregator.exchanges.kraken import order_book_checksum
+    from aggregator.instruments import Instrument
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        price_decimals, size_decimals = rng.randint(0, 10), rng.randint(0, 10)
+        instrument = Instrument("X/Y", "X", "Y", price_decimals, size_decimals)
+
+        def text(decimals, digits):
+            units = rng.randrange(1, 10 ** digits)
+            whole, fraction = divmod(units, 10 ** decimals)
+            return f"{whole}.{fraction:0{decimals}d}" if decimals else str(whole)
+
+        levels = {(text(price_decimals, rng.randint(1, 15)), text(size_decimals, rng.randint(1, 15)))
+                  for _ in range(rng.randint(1, 30))}
+        levels = {float(p): (p, q) for p, q in levels}  # one level per price
+        middle = sorted(levels)[len(levels) // 2]
+        bids = {p: pq for p, pq in levels.items() if p <= middle}
+        asks = {p: pq for p, pq in levels.items() if p > middle}
+        book = OrderBook()
+        book.replace([(p, float(q)) for p, (_, q) in bids.items()],
+                     [(p, float(q)) for p, (_, q) in asks.items()])
+        expected = book_checksum([asks[p] for p in sorted(asks)[:10]],
+                                 [bids[p] for p in sorted(bids, reverse=True)[:10]])
+        assert order_book_checksum(book, instrument) == expected
