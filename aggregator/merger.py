@@ -12,6 +12,9 @@ read from a socket often carries several frames of one symbol, and then the
 symbol is merged and serialized once for all of them, its latency mark the
 earliest frame's arrival. Under light load a turn carries one frame and
 nothing waits longer than that turn.
+
+A symbol nobody streams (held by --symbols alone) only notes its books'
+changes: it is merged when a stream or current_summary() asks for it.
 """
 
 from __future__ import annotations
@@ -317,11 +320,15 @@ class _View:
 
 
 class _SymbolState:
-    __slots__ = ("books", "refs", "views", "changed", "arrival")
+    __slots__ = ("books", "refs", "views", "subscribers", "changed", "arrival")
 
     def __init__(self, default_view: ViewKey) -> None:
         self.books: dict[str, ExchangeBook] = {}
         self.refs = 0
+        # Streams of the symbol, over all views: without any, changes are
+        # only noted (a symbol held by --symbols alone is merged when someone
+        # asks for it).
+        self.subscribers = 0
         # Books whose top changed since the symbol was last merged (a
         # re-merge waits for the end of the reactor turn), and the earliest
         # arrival of the frames behind those changes.
@@ -486,6 +493,9 @@ class Merger(Service):
                 )
         self.hold(symbol)
         state = self._symbols[symbol]
+        if state.changed and not state.subscribers:
+            state.arrival = None  # no frame's latency: it waited for nobody
+            self._merge(state)
         view = state.views.get(key)
         if view is None:
             view = state.views[key] = _View(*key)
@@ -496,6 +506,7 @@ class Merger(Service):
             self._publish(view, view.published, state.books, None)
         subscription = Subscription(symbol, self._unsubscribe, key)
         view.subscriptions.add(subscription)
+        state.subscribers += 1
         subscription.offer(view.serialized())
         return subscription
 
@@ -503,6 +514,7 @@ class Merger(Service):
         state = self._symbols[subscription.symbol]
         view = state.views[subscription.view]
         view.subscriptions.discard(subscription)
+        state.subscribers -= 1
         if not view.subscriptions and subscription.view != (None, self.depth):
             del state.views[subscription.view]
         self.release(subscription.symbol)
@@ -543,7 +555,12 @@ class Merger(Service):
 
     def current_summary(self, symbol: str) -> bytes | None:
         state = self._symbols.get(symbol)
-        return state.views[(None, self.depth)].serialized() if state else None
+        if state is None:
+            return None
+        if state.changed and not state.subscribers:
+            state.arrival = None
+            self._merge(state)
+        return state.views[(None, self.depth)].serialized()
 
     def _book_changed(self, changed: ExchangeBook, arrival: float | None) -> None:
         """A book committed a change: `arrival` is its frame's arrival (or None)."""
@@ -559,6 +576,8 @@ class Merger(Service):
         changed.merged_top = top
         changed.merge_keys = book_keys(changed.exchange, *top) if top is not None else None
         state.changed.add(changed.exchange)
+        if not state.subscribers:
+            return  # merged when someone asks (subscribe(), current_summary())
         if arrival is not None and (state.arrival is None or arrival < state.arrival):
             state.arrival = arrival
         if self._reactor is None or not self.running:
@@ -583,6 +602,8 @@ class Merger(Service):
                 self._merge(state)
 
     def _merge(self, state: _SymbolState) -> None:
+        if not state.changed:
+            return  # merged already (a subscriber came before the turn ended)
         changed, arrival = state.changed, state.arrival
         state.changed, state.arrival = set(), None
         for view in state.views.values():

@@ -463,3 +463,34 @@ def test_ending_resolves_a_waiting_future_with_none(merger, loop):
     subscription.end()
     assert future.result() is None
     assert subscription.wait(loop).result() is None
+
+
+# -- a symbol nobody streams is merged when asked for -----------------------------------
+
+
+def test_a_held_symbol_without_streams_is_merged_only_when_asked_for(merger, feeds):
+    binance, bitstamp = feeds
+    merger.hold("ethbtc")  # --symbols: watched, not streamed
+    publish(binance.books["ethbtc"], [(10.0, 1.0)], [(11.0, 1.0)])
+    publish(bitstamp.books["ethbtc"], [(10.5, 1.0)], [])
+    state = merger._symbols["ethbtc"]
+    assert state.views[(None, 3)].published == ([], []), "nothing merged for nobody"
+    assert levels(summary_of(merger.current_summary("ethbtc")), "bids") == [
+        ("bitstamp", 10.5, 1.0), ("binance", 10.0, 1.0)]
+    book = binance.books["ethbtc"]
+    book.book.apply([(10.7, 2.0)], [])
+    book.commit(3.0)
+    subscription = merger.subscribe("ethbtc")
+    assert levels(summary_of(subscription.take()), "bids") == [
+        ("binance", 10.7, 2.0), ("bitstamp", 10.5, 1.0), ("binance", 10.0, 1.0)]
+    assert subscription.arrival is None, "a change nobody waited for measures no latency"
+    # Streamed now: every change is merged and offered.
+    book.book.apply([(10.8, 1.0)], [])
+    book.commit(4.0)
+    assert levels(summary_of(subscription.take()), "bids")[0] == ("binance", 10.8, 1.0)
+    assert subscription.arrival == 4.0
+    subscription.close()
+    book.book.apply([(10.9, 1.0)], [])
+    book.commit(5.0)
+    assert state.views[(None, 3)].published[0][0][0] == -10.8, "unstreamed again: not merged"
+    assert levels(summary_of(merger.current_summary("ethbtc")), "bids")[0] == ("binance", 10.9, 1.0)
