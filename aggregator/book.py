@@ -287,7 +287,8 @@ class ExchangeBook:
         # (None while not live): most diffs only touch deeper levels, and then
         # nothing needs re-merging. Owned by the listener.
         self.merged_top: tuple[list[Level], list[Level]] | None = None
-        # The same levels as the listener's merge keys (aggregator/merger.py).
+        # The same levels as the listener's merge keys (aggregator/merger.py),
+        # made when first merged; None until then.
         self.merge_keys: tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]] | None = None
         self.state = BookState.SYNCING
         self.reason = "subscribing"

@@ -311,11 +311,17 @@ class _View:
         # The books' tops hold --depth levels, at least this view's depth:
         # merge_keys cuts the merged result, not each book's part of it.
         exchanges = self.exchanges
-        tops = [
-            book.merge_keys
-            for book in books
-            if book.merge_keys is not None and (exchanges is None or book.exchange in exchanges)
-        ]
+        tops = []
+        for book in books:
+            top = book.merged_top
+            if top is None or (exchanges is not None and book.exchange not in exchanges):
+                continue  # not live, or not in this view
+            keys = book.merge_keys
+            if keys is None:
+                # Made at the first merge after the top changed: a symbol
+                # merged only when asked for never makes most of them.
+                keys = book.merge_keys = book_keys(book.exchange, *top)
+            tops.append(keys)
         return merge_keys(tops, self.depth)
 
 
@@ -574,7 +580,7 @@ class Merger(Service):
         if top == changed.merged_top:
             return  # the change is below this book's top N (or it stays withheld)
         changed.merged_top = top
-        changed.merge_keys = book_keys(changed.exchange, *top) if top is not None else None
+        changed.merge_keys = None  # made from `top` by the next merge
         state.changed.add(changed.exchange)
         if not state.subscribers:
             return  # merged when someone asks (subscribe(), current_summary())
