@@ -35,6 +35,9 @@ from benchmarks.scaleout import run_scaleout
 RESULTS = Path(__file__).resolve().parent / "results"
 # Input rate while streams are being opened.
 QUIET_RATE = 100.0
+# Whole market: the most change events a symbol makes per second (Binance's 100 ms depth
+# stream's most).
+MARKET_CAP = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,14 @@ class Sizes:
     slow_seconds: float
     slow_rate: float
     first_probes: int
+    # Whole market: Binance symbols and events/s, Bitstamp pairs (2 snapshots/s each), each
+    # of Bybit, Coinbase and Kraken symbols and events/s (the five-venue run), streams.
+    market_binance: tuple[int, float]
+    market_bitstamp_pairs: int
+    market_other: tuple[int, float]
+    market_streams: int
+    market_warmup: float
+    market_window: float
 
 
 FULL = Sizes(
@@ -93,6 +104,12 @@ FULL = Sizes(
     slow_seconds=300.0,
     slow_rate=5000.0,
     first_probes=5,
+    market_binance=(1500, 6000.0),
+    market_bitstamp_pairs=100,
+    market_other=(300, 1000.0),
+    market_streams=100,
+    market_warmup=5.0,
+    market_window=20.0,
 )
 
 QUICK = Sizes(
@@ -121,6 +138,12 @@ QUICK = Sizes(
     slow_seconds=4.0,
     slow_rate=1000.0,
     first_probes=1,
+    market_binance=(300, 1200.0),
+    market_bitstamp_pairs=20,
+    market_other=(60, 200.0),
+    market_streams=40,
+    market_warmup=1.5,
+    market_window=3.0,
 )
 
 
@@ -486,6 +509,111 @@ class Run:
             f"latency p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])}"
         )
 
+    # -- 7. the whole market ------------------------------------------------------------------------
+
+    def whole_market(self) -> None:
+        s = self.sizes
+        n, rate = s.market_binance
+        # The same bare receive + orjson decode floor as ingest's, per message, times the
+        # whole market's input rate: what merely reading that input costs. Measured at
+        # saturation (larger reads), so a lower bound for a trickle of 6,000 msgs/s.
+        self.say(f"whole market: floor (bare Autobahn receive + orjson decode), {n} symbols")
+        floor = self.ingest_floor(n)
+        floor_us = floor["cpu"] / floor["msgs_per_s"] * 1e6 if floor["msgs_per_s"] else None
+        pairs = s.market_bitstamp_pairs
+        # Binance's 100 ms depth stream sends a symbol at most 10 frames a second: the cap.
+        loads = [f"binance={n}:{rate}:{MARKET_CAP}", f"bitstamp={pairs}:{2.0 * pairs}"]
+        two = self.market_run("two", loads, ("binance", "bitstamp"), floor_us)
+        # Bybit, Coinbase and Kraken each list a few hundred of the pairs (their majors, so
+        # the busiest generated symbols) whose book channels at the depths the daemon
+        # subscribes change a few times a second on a typical pair: ~1,000 msgs/s over 300
+        # symbols each, with Binance's heavy-tailed shape and cap so that only the venues differ.
+        others, other_rate = s.market_other
+        loads += [f"{venue}={others}:{other_rate}:{MARKET_CAP}" for venue in ("bybit", "coinbase", "kraken")]
+        five = self.market_run("five", loads, ("binance", "bitstamp", "bybit", "coinbase", "kraken"), floor_us)
+        self.details["whole_market"] = {"floor": floor, "floor_us_per_msg": floor_us, "two_venues": two, "five_venues": five}
+        self.results["whole_market_cpu"] = two["daemon_cpu"]
+        self.results["whole_market_floor_cpu"] = two["floor_cpu"]
+        self.results["whole_market_cpu_five_venues"] = five["daemon_cpu"]
+        self.results["whole_market_floor_cpu_five_venues"] = five["floor_cpu"]
+
+    def market_run(self, tag: str, loads: list[str], exchanges: tuple[str, ...], floor_us: float | None) -> dict[str, Any]:
+        s = self.sizes
+        n, rate = s.market_binance
+        self.say(f"whole market, {len(exchanges)} venues: {' '.join(loads)}; {s.market_streams} streams")
+        sim, urls = procs.start_simulator(self.log_dir, n, rate, self.load_cpu, name=f"simulator-market-{tag}", loads=loads)
+        driver: procs.Child | None = None
+        daemon: procs.Daemon | None = None
+        try:
+            rates = sim.request(op="rates")
+            symbols = list(rates["binance"])  # busiest first; every venue lists a prefix of them
+            daemon = procs.Daemon(
+                self.log_dir, urls, self.daemon_cpu, symbols=symbols, max_symbols=n + 50,
+                max_streams=s.market_streams + 100, name=f"daemon-market-{tag}", extra=self.daemon_args,
+                exchanges=exchanges,
+            )
+            deadline = time.monotonic() + 180.0
+            for exchange in exchanges:
+                while daemon.live_books(exchange) < len(rates[exchange]):
+                    if time.monotonic() > deadline:
+                        raise procs.ChildFailed(f"daemon-market-{tag}: {exchange} books not live after 180 s")
+                    time.sleep(0.5)
+            driver = procs.start_driver(self.log_dir, daemon.address, self.load_cpu, name=f"driver-market-{tag}")
+            watched = _spread(symbols, s.market_streams)
+            opened = driver.request(op="open", group="market", streams=s.market_streams, symbols=watched,
+                                    channels=10, wait=90, timeout=120)
+            if opened["errors"]:
+                raise procs.ChildFailed(f"whole-market streams refused: {opened['first_error']}")
+            time.sleep(s.market_warmup)
+            dproc = procs.ProcStat(daemon.pid)
+            # Metrics scraped outside the CPU window: a scrape of 1,500 books' metrics costs
+            # the daemon ~0.1 s, which is not the market's cost.
+            m0, s0, d0 = daemon.metrics(), sim.request(op="stats"), driver.request(op="counts")
+            c0, t0 = dproc.cpu_seconds(), time.monotonic()
+            time.sleep(s.market_window)
+            c1, t1 = dproc.cpu_seconds(), time.monotonic()
+            m1, s1, d1 = daemon.metrics(), sim.request(op="stats"), driver.request(op="counts")
+        finally:
+            if driver is not None:
+                driver.stop()
+            if daemon is not None:
+                daemon.stop()
+            sim.stop()
+        sim_dt, driver_dt = s1["t"] - s0["t"], d1["t"] - d0["t"]
+        venues: dict[str, Any] = {}
+        for exchange in exchanges:
+            v0, v1 = s0["venues"][exchange], s1["venues"][exchange]
+            received = procs.metric(m1, "aggregator_messages_total", exchange=exchange) - procs.metric(
+                m0, "aggregator_messages_total", exchange=exchange)
+            venues[exchange] = {
+                "symbols": len(rates[exchange]),
+                "target_msgs_per_s": sum(rates[exchange].values()),
+                "generated_per_s": (v1["generated"] - v0["generated"]) / sim_dt,
+                "skipped": v1["skipped"] - v0["skipped"],
+                "received_msgs_per_s": received / sim_dt,
+            }
+        received_total = sum(v["received_msgs_per_s"] for v in venues.values())
+        cpu = (c1 - c0) / (t1 - t0)
+        out = {
+            "daemon_cpu": cpu,
+            "floor_cpu": floor_us * received_total / 1e6 if floor_us is not None else None,
+            "received_msgs_per_s": received_total,
+            "venues": venues,
+            "streams": s.market_streams,
+            "watched_symbols": len(set(watched)),
+            "summaries_per_s": (d1["groups"]["market"]["received"] - d0["groups"]["market"]["received"]) / driver_dt,
+            "sim_cpu": (s1["cpu"] - s0["cpu"]) / sim_dt,
+            "window_s": t1 - t0,
+            "rss_mb": s1["rss"] / 2**20,
+        }
+        per_venue = ", ".join(f"{e} {v['received_msgs_per_s']:,.0f}" for e, v in venues.items())
+        self.say(
+            f"  daemon cpu {cpu:.3f} of a core at {received_total:,.0f} msgs/s in ({per_venue}); "
+            f"floor {_num(out['floor_cpu'], '.3f')}; {out['summaries_per_s']:,.0f} Summaries/s out; "
+            f"simulator cpu {out['sim_cpu']:.2f}"
+        )
+        return out
+
     # -- 5. memory with slow clients ------------------------------------------------------------
 
     def slow_clients(self, sim: procs.Child, daemon: procs.Daemon, driver: procs.Child, symbols: list[str]) -> None:
@@ -578,6 +706,15 @@ class Run:
         self.results["first_summary_ms_50ms_snapshot"] = out["50ms"]["both_ms"]
 
 
+def _spread(symbols: list[str], count: int) -> list[str]:
+    """`count` of the busiest-first `symbols`: the busiest third in rank order (Bitstamp's
+    pairs among them), the rest evenly over the quieter tail."""
+    busiest = min(count // 3, len(symbols))
+    tail = symbols[busiest:]
+    rest = count - busiest
+    return symbols[:busiest] + [tail[i * len(tail) // rest] for i in range(rest)] if tail and rest else symbols[:count]
+
+
 def _median(values: list) -> Any:
     values = sorted(v for v in values if v is not None)
     if not values:
@@ -618,7 +755,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="where latest.json and a dated copy go (default benchmarks/results, "
                              "or benchmarks/results/quick with --quick)")
     parser.add_argument("--logs", type=Path, default=None, help="process logs (default: a temporary directory)")
-    parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout,nats")
+    parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout,whole_market,nats")
     parser.add_argument("--daemon-args", default="",
                         help="extra daemon options, e.g. '--gc python' (compare runs with and without)")
     args = parser.parse_args(argv)
@@ -661,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             run.latency()
         if not only or "fanout" in only:
             run.fanout()
+        if not only or "whole_market" in only:
+            run.whole_market()
         if not only or "nats" in only:
             run_scaleout(run)  # benchmarks/scaleout.py
     except BaseException:  # a failure, or stopped (SIGINT/SIGTERM): no results file
