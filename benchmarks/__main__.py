@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks import LOOP_ENV, loop_name
 from benchmarks import latency as lat
 from benchmarks import procs
 from benchmarks.scaleout import run_scaleout
@@ -739,7 +740,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": f"{model} ({os.cpu_count()} CPUs)", "python": platform.python_version()}
+    return {"cpu": f"{model} ({os.cpu_count()} CPUs)", "python": platform.python_version(), "loop": loop_name()}
 
 
 def table(results: dict, details: dict) -> str:
@@ -771,12 +772,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
 
     procs.install_cleanup()
-    run = Run(sizes, log_dir, say, shlex.split(args.daemon_args))
+    daemon_args = shlex.split(args.daemon_args)
+    if "--loop=asyncio" in daemon_args or "--loop asyncio" in " ".join(daemon_args):
+        # The daemon kept off uvloop: so do the floors and the driver (children inherit this).
+        os.environ[LOOP_ENV] = "asyncio"
+    run = Run(sizes, log_dir, say, daemon_args)
     if run.load_cpu is not None:
         # This process (analysis between windows) stays off the daemon's CPU too.
         os.sched_setaffinity(0, {run.load_cpu})
     say(f"benchmarks ({'quick' if sizes.quick else 'full'}); logs in {log_dir}; "
-        f"daemon on CPU {run.daemon_cpu}, load on CPU {run.load_cpu}")
+        f"daemon on CPU {run.daemon_cpu}, load on CPU {run.load_cpu}; {loop_name()} loop")
     ok = True
     try:
         if not only or "bookpath" in only:

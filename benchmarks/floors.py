@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from aggregator.simulator.wsserver import ws_frame
+from benchmarks import use_uvloop
 
 
 # -- blaster: pre-framed frames as fast as the socket takes them ---------------------------
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("grpc-server")
     g.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    use_uvloop()  # the daemon's loop (also under Twisted's asyncio reactor, in ws-client)
     if args.what == "blaster":
         asyncio.run(_blaster(args.symbols, args.messages))
     elif args.what == "ws-client":
