@@ -515,30 +515,56 @@ class Run:
     def whole_market(self) -> None:
         s = self.sizes
         n, rate = s.market_binance
-        # The same bare receive + orjson decode floor as ingest's, per message, times the
-        # whole market's input rate: what merely reading that input costs. Measured at
-        # saturation (larger reads), so a lower bound for a trickle of 6,000 msgs/s.
-        self.say(f"whole market: floor (bare Autobahn receive + orjson decode), {n} symbols")
-        floor = self.ingest_floor(n)
-        floor_us = floor["cpu"] / floor["msgs_per_s"] * 1e6 if floor["msgs_per_s"] else None
         pairs = s.market_bitstamp_pairs
         # Binance's 100 ms depth stream sends a symbol at most 10 frames a second: the cap.
         loads = [f"binance={n}:{rate}:{MARKET_CAP}", f"bitstamp={pairs}:{2.0 * pairs}"]
-        two = self.market_run("two", loads, ("binance", "bitstamp"), floor_us)
+        two = self.market_run("two", loads, ("binance", "bitstamp"))
         # Bybit, Coinbase and Kraken each list a few hundred of the pairs (their majors, so
         # the busiest generated symbols) whose book channels at the depths the daemon
         # subscribes change a few times a second on a typical pair: ~1,000 msgs/s over 300
         # symbols each, with Binance's heavy-tailed shape and cap so that only the venues differ.
         others, other_rate = s.market_other
         loads += [f"{venue}={others}:{other_rate}:{MARKET_CAP}" for venue in ("bybit", "coinbase", "kraken")]
-        five = self.market_run("five", loads, ("binance", "bitstamp", "bybit", "coinbase", "kraken"), floor_us)
-        self.details["whole_market"] = {"floor": floor, "floor_us_per_msg": floor_us, "two_venues": two, "five_venues": five}
+        five = self.market_run("five", loads, ("binance", "bitstamp", "bybit", "coinbase", "kraken"))
+        self.details["whole_market"] = {"two_venues": two, "five_venues": five}
         self.results["whole_market_cpu"] = two["daemon_cpu"]
-        self.results["whole_market_floor_cpu"] = two["floor_cpu"]
+        self.results["whole_market_floor_cpu"] = two["floor"]["cpu"]
         self.results["whole_market_cpu_five_venues"] = five["daemon_cpu"]
-        self.results["whole_market_floor_cpu_five_venues"] = five["floor_cpu"]
 
-    def market_run(self, tag: str, loads: list[str], exchanges: tuple[str, ...], floor_us: float | None) -> dict[str, Any]:
+    def market_floor(self, tag: str, urls: dict, rates: dict[str, dict[str, float]]) -> dict:
+        """The bare Autobahn + orjson client (floors.py) subscribed to the whole Binance and
+        Bitstamp market of the simulator, before the daemon starts: reading the same input at
+        the same rate, on the daemon's CPU."""
+        s = self.sizes
+        streams = [f"{symbol}@depth@100ms" for symbol in rates["binance"]]
+        # 750 streams a connection: under Binance's 1,024, as the daemon's feed.
+        connections: list[tuple[str, list[str]]] = [
+            (urls["binance_ws_url"] + "/stream",
+             [json.dumps({"method": "SUBSCRIBE", "params": streams[i:i + 750], "id": i})])
+            for i in range(0, len(streams), 750)
+        ]
+        connections.append((urls["bitstamp_ws_url"], [
+            json.dumps({"event": "bts:subscribe", "data": {"channel": f"order_book_{pair}"}})
+            for pair in rates["bitstamp"]
+        ]))
+        spec = Path(self.path(f"market-floor-{tag}.json"))
+        spec.write_text(json.dumps(connections))
+        warmup, window = s.market_warmup, s.market_window / 2
+        client = procs.Child(
+            f"market-floor-{tag}",
+            [procs.PYTHON, "-m", "benchmarks.floors", "ws-client", "--connections", str(spec),
+             "--warmup", str(warmup), "--duration", str(window)],
+            self.log_dir,
+            cpu=self.daemon_cpu,
+        )
+        try:
+            result: dict[str, Any] = client.read(warmup + window + 60.0)
+        finally:
+            client.stop()
+        self.say(f"  floor: bare Autobahn + orjson cpu {result['cpu']:.3f} at {result['msgs_per_s']:,.0f} msgs/s")
+        return result
+
+    def market_run(self, tag: str, loads: list[str], exchanges: tuple[str, ...]) -> dict[str, Any]:
         s = self.sizes
         n, rate = s.market_binance
         self.say(f"whole market, {len(exchanges)} venues: {' '.join(loads)}; {s.market_streams} streams")
@@ -548,6 +574,8 @@ class Run:
         try:
             rates = sim.request(op="rates")
             symbols = list(rates["binance"])  # busiest first; every venue lists a prefix of them
+            # Only for Binance and Bitstamp (the floor client speaks their subscriptions).
+            floor = self.market_floor(tag, urls, rates) if set(exchanges) <= {"binance", "bitstamp"} else None
             daemon = procs.Daemon(
                 self.log_dir, urls, self.daemon_cpu, symbols=symbols, max_symbols=n + 50,
                 max_streams=s.market_streams + 100, name=f"daemon-market-{tag}", extra=self.daemon_args,
@@ -569,11 +597,14 @@ class Run:
             dproc = procs.ProcStat(daemon.pid)
             # Metrics scraped outside the CPU window: a scrape of 1,500 books' metrics costs
             # the daemon ~0.1 s, which is not the market's cost.
-            m0, s0, d0 = daemon.metrics(), sim.request(op="stats"), driver.request(op="counts")
+            m0, tm0 = daemon.metrics(), time.monotonic()
+            s0, d0 = sim.request(op="stats"), driver.request(op="counts")
             c0, t0 = dproc.cpu_seconds(), time.monotonic()
             time.sleep(s.market_window)
             c1, t1 = dproc.cpu_seconds(), time.monotonic()
-            m1, s1, d1 = daemon.metrics(), sim.request(op="stats"), driver.request(op="counts")
+            rss = dproc.rss_bytes()
+            s1, d1 = sim.request(op="stats"), driver.request(op="counts")
+            m1, tm1 = daemon.metrics(), time.monotonic()
         finally:
             if driver is not None:
                 driver.stop()
@@ -591,13 +622,13 @@ class Run:
                 "target_msgs_per_s": sum(rates[exchange].values()),
                 "generated_per_s": (v1["generated"] - v0["generated"]) / sim_dt,
                 "skipped": v1["skipped"] - v0["skipped"],
-                "received_msgs_per_s": received / sim_dt,
+                "received_msgs_per_s": received / (tm1 - tm0),
             }
         received_total = sum(v["received_msgs_per_s"] for v in venues.values())
         cpu = (c1 - c0) / (t1 - t0)
         out = {
             "daemon_cpu": cpu,
-            "floor_cpu": floor_us * received_total / 1e6 if floor_us is not None else None,
+            "floor": floor,
             "received_msgs_per_s": received_total,
             "venues": venues,
             "streams": s.market_streams,
@@ -605,12 +636,12 @@ class Run:
             "summaries_per_s": (d1["groups"]["market"]["received"] - d0["groups"]["market"]["received"]) / driver_dt,
             "sim_cpu": (s1["cpu"] - s0["cpu"]) / sim_dt,
             "window_s": t1 - t0,
-            "rss_mb": s1["rss"] / 2**20,
+            "daemon_rss_mb": rss / 2**20,
         }
         per_venue = ", ".join(f"{e} {v['received_msgs_per_s']:,.0f}" for e, v in venues.items())
         self.say(
             f"  daemon cpu {cpu:.3f} of a core at {received_total:,.0f} msgs/s in ({per_venue}); "
-            f"floor {_num(out['floor_cpu'], '.3f')}; {out['summaries_per_s']:,.0f} Summaries/s out; "
+            f"{out['summaries_per_s']:,.0f} Summaries/s out; "
             f"simulator cpu {out['sim_cpu']:.2f}"
         )
         return out

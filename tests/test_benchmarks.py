@@ -66,9 +66,8 @@ def test_quick_benchmark_writes_numbers(tmp_path):
     assert results["ingest_msgs_per_s"] > 0 and results["fanout_msgs_per_s_1000"] > 0
     # The daemon's CPU share with the whole market in: a fraction of one core (a little over
     # 1 can be measured on a loaded machine), beside its floor.
-    for key in ("whole_market_cpu", "whole_market_cpu_five_venues"):
+    for key in ("whole_market_cpu", "whole_market_cpu_five_venues", "whole_market_floor_cpu"):
         assert 0 < results[key] <= 2, (key, results[key])
-        assert 0 < results[key.replace("_cpu", "_floor_cpu")] < 2, key
     assert results["loop"] in ("uvloop", "asyncio")
     # Every process the suite started is gone: nothing listens on its ports any more.
     assert "| benchmark |" in done.stdout
