@@ -625,11 +625,15 @@ class Run:
                 "received_msgs_per_s": received / (tm1 - tm0),
             }
         received_total = sum(v["received_msgs_per_s"] for v in venues.values())
+        # The simulator fell behind its rates (it shares its CPU with the driver, and the
+        # machine with others): the daemon's share is then of a smaller market.
+        limited = any(v["skipped"] or v["generated_per_s"] < 0.97 * v["target_msgs_per_s"] for v in venues.values())
         cpu = (c1 - c0) / (t1 - t0)
         out = {
             "daemon_cpu": cpu,
             "floor": floor,
             "received_msgs_per_s": received_total,
+            "simulator_limited": limited,
             "venues": venues,
             "streams": s.market_streams,
             "watched_symbols": len(set(watched)),
@@ -642,7 +646,7 @@ class Run:
         self.say(
             f"  daemon cpu {cpu:.3f} of a core at {received_total:,.0f} msgs/s in ({per_venue}); "
             f"{out['summaries_per_s']:,.0f} Summaries/s out; "
-            f"simulator cpu {out['sim_cpu']:.2f}"
+            f"simulator cpu {out['sim_cpu']:.2f}{' (simulator-limited)' if limited else ''}"
         )
         return out
 

@@ -60,7 +60,8 @@ def _market_rows(wm: dict | None) -> list[tuple[str, str, str, str, str, str]]:
         rows.append((
             f"Whole market, {len(venues)} venues ({listing} symbols), {r['streams']} streams "
             "(daemon CPU, fraction of one core)",
-            f"{_n(cpu, '.3f')} at {_n(r['received_msgs_per_s'])} msgs/s in; "
+            f"{_n(cpu, '.3f')} at {_n(r['received_msgs_per_s'])} msgs/s in"
+            f"{' (simulator-limited)' if r.get('simulator_limited') else ''}; "
             f"{_n(r['summaries_per_s'])} Summaries/s out",
             f"bare Autobahn + orjson, same input: {_n(floor['cpu'], '.3f')} at {_n(floor['msgs_per_s'])} msgs/s"
             if floor else "— (the floor client speaks Binance and Bitstamp only)",
