@@ -7,9 +7,11 @@ Processes (all on loopback, each stopped on exit):
   floors     python -m benchmarks.floors ... (bare Autobahn client, bare grpc.aio
              server on CPU 0; the frame blaster on CPU 1)
 
-Every timing is printed next to a floor measured in the same run; ratios are what to
-compare across runs (the machines are noisy). --quick (< 60 s) uses small sizes and short
-windows: it proves the suite works, its numbers are not the results.
+The floors and the driver run on uvloop when it is installed, as the daemon does (the
+results' "loop"). Every timing is printed next to a floor measured in the same run; ratios
+are what to compare across runs (the machines are noisy). --quick (~80 s on a quiet
+machine) uses small sizes and short windows: it proves the suite works, its numbers are not
+the results. --only runs some steps (e.g. --only whole_market).
 """
 
 from __future__ import annotations
@@ -510,13 +512,103 @@ class Run:
             f"latency p50 {_ms(r['p50_ms'])} p99 {_ms(r['p99_ms'])}"
         )
 
+    # -- 5. memory with slow clients ------------------------------------------------------------
+
+    def slow_clients(self, sim: procs.Child, daemon: procs.Daemon, driver: procs.Child, symbols: list[str]) -> None:
+        s = self.sizes
+        watched = symbols[: s.slow_fast_symbols]
+        self.say(
+            f"slow clients: {s.slow_fast_streams} fast streams over {s.slow_fast_symbols} symbols at "
+            f"{s.slow_rate:,.0f} msgs/s in; then + {s.slow_clients} slow ones for {s.slow_seconds:.0f} s"
+        )
+        sim.request(op="rate", rate=QUIET_RATE)
+        driver.request(op="open", group="fast", streams=s.slow_fast_streams, symbols=watched,
+                       channels=max(1, s.slow_fast_streams // 10), record=s.slow_fast_streams, wait=90, timeout=120)
+        sim.request(op="rate", rate=s.slow_rate)
+        time.sleep(1.0 if s.quick else 2.0)
+        window = min(s.latency_window, 15.0)
+        before = self.stream_window(sim, daemon, driver, "fast", watched, window, "slow-before")
+        opened = driver.request(op="open", group="slow", streams=s.slow_clients, symbols=watched,
+                                channels=s.slow_clients, slow=1.0, wait=90, timeout=120)
+        if opened["errors"]:
+            raise procs.ChildFailed(f"slow streams refused: {opened['first_error']}")
+        dproc = procs.ProcStat(daemon.pid)
+        samples: list[tuple[float, float]] = []
+        start = time.monotonic()
+        interval = 1.0 if s.quick else 5.0
+        measure_at = s.slow_seconds - window - 1.0
+        during: dict | None = None
+        while time.monotonic() - start < s.slow_seconds:
+            samples.append((time.monotonic() - start, dproc.rss_bytes() / 2**20))
+            if during is None and time.monotonic() - start >= measure_at:
+                during = self.stream_window(sim, daemon, driver, "fast", watched, window, "slow-during")
+                continue
+            time.sleep(interval)
+        samples.append((time.monotonic() - start, dproc.rss_bytes() / 2**20))
+        if during is None:
+            during = self.stream_window(sim, daemon, driver, "fast", watched, window, "slow-during")
+        counts = driver.request(op="counts")
+        driver.request(op="close", group="slow", timeout=60)
+        driver.request(op="close", group="fast", timeout=60)
+        # Baseline: once the slow streams' transport buffers have filled (the first tenth).
+        settle = s.slow_seconds / 10
+        base = [rss for t, rss in samples if t <= settle] or [samples[0][1]]
+        tail = [rss for t, rss in samples if t >= s.slow_seconds - max(settle, 2 * interval)] or [samples[-1][1]]
+        base_mb, end_mb = _median(base), _median(tail)
+        growth = (end_mb / base_mb - 1.0) * 100.0
+        ratio = during["p99_ms"] / before["p99_ms"] if during["p99_ms"] and before["p99_ms"] else None
+        self.details["slow_clients"] = {
+            "rss_samples_mb": samples,
+            "rss_start_mb": base_mb,
+            "rss_end_mb": end_mb,
+            "rss_max_mb": max(rss for _, rss in samples),
+            "fast_before": before,
+            "fast_during": during,
+            "p99_ratio": ratio,
+            "slow_received": counts["groups"].get("slow", {}).get("received"),
+        }
+        self.results["rss_growth_pct_slow_clients"] = growth
+        self.results["slow_clients_fast_p99_ratio"] = ratio
+        self.say(
+            f"  RSS {base_mb:.1f} -> {end_mb:.1f} MiB ({growth:+.1f}%), max {max(r for _, r in samples):.1f}; "
+            f"fast p99 {_ms(before['p99_ms'])} without, {_ms(during['p99_ms'])} with slow clients"
+        )
+
+    # -- 6. time to first Summary -----------------------------------------------------------------
+
+    def first_summary(self, sim: procs.Child, driver: procs.Child, fresh: list[str]) -> None:
+        s = self.sizes
+        sim.request(op="rate", rate=1000.0)
+        out: dict[str, Any] = {}
+        for delay in (0.0, 0.05):
+            sim.request(op="slow_rest", delay=delay)
+            probes = []
+            for _ in range(s.first_probes):
+                symbol = fresh.pop(0)
+                time.sleep(0.6)  # not behind the previous probe's UNSUBSCRIBE (Binance pacing)
+                probes.append(driver.request(op="first", symbol=symbol, wait=10.0, timeout=30.0))
+            sim.request(op="slow_rest", delay=0.0)
+            key = f"{int(delay * 1000)}ms"
+            out[key] = {
+                "probes": probes,
+                "first_ms": _median([p["first_ms"] for p in probes if p["first_ms"] is not None]),
+                "levels_ms": _median([p["levels_ms"] for p in probes if p["levels_ms"] is not None]),
+                "both_ms": _median([p["both_ms"] for p in probes if p["both_ms"] is not None]),
+            }
+            self.say(
+                f"first Summary, snapshot delay {key}: any {_ms(out[key]['first_ms'])}, with levels "
+                f"{_ms(out[key]['levels_ms'])}, both exchanges {_ms(out[key]['both_ms'])}"
+            )
+        self.details["first_summary"] = out
+        self.results["first_summary_ms"] = out["0ms"]["both_ms"]
+        self.results["first_summary_ms_50ms_snapshot"] = out["50ms"]["both_ms"]
+
     # -- 7. the whole market ------------------------------------------------------------------------
 
     def whole_market(self) -> None:
         s = self.sizes
         n, rate = s.market_binance
         pairs = s.market_bitstamp_pairs
-        # Binance's 100 ms depth stream sends a symbol at most 10 frames a second: the cap.
         loads = [f"binance={n}:{rate}:{MARKET_CAP}", f"bitstamp={pairs}:{2.0 * pairs}"]
         two = self.market_run("two", loads, ("binance", "bitstamp"))
         # Bybit, Coinbase and Kraken each list a few hundred of the pairs (their majors, so
@@ -537,7 +629,7 @@ class Run:
         the same rate, on the daemon's CPU."""
         s = self.sizes
         streams = [f"{symbol}@depth@100ms" for symbol in rates["binance"]]
-        # 750 streams a connection: under Binance's 1,024, as the daemon's feed.
+        # 750 streams a connection: under Binance's 1,024 (the daemon too opens two for 1,500).
         connections: list[tuple[str, list[str]]] = [
             (urls["binance_ws_url"] + "/stream",
              [json.dumps({"method": "SUBSCRIBE", "params": streams[i:i + 750], "id": i})])
@@ -650,97 +742,6 @@ class Run:
         )
         return out
 
-    # -- 5. memory with slow clients ------------------------------------------------------------
-
-    def slow_clients(self, sim: procs.Child, daemon: procs.Daemon, driver: procs.Child, symbols: list[str]) -> None:
-        s = self.sizes
-        watched = symbols[: s.slow_fast_symbols]
-        self.say(
-            f"slow clients: {s.slow_fast_streams} fast streams over {s.slow_fast_symbols} symbols at "
-            f"{s.slow_rate:,.0f} msgs/s in; then + {s.slow_clients} slow ones for {s.slow_seconds:.0f} s"
-        )
-        sim.request(op="rate", rate=QUIET_RATE)
-        driver.request(op="open", group="fast", streams=s.slow_fast_streams, symbols=watched,
-                       channels=max(1, s.slow_fast_streams // 10), record=s.slow_fast_streams, wait=90, timeout=120)
-        sim.request(op="rate", rate=s.slow_rate)
-        time.sleep(1.0 if s.quick else 2.0)
-        window = min(s.latency_window, 15.0)
-        before = self.stream_window(sim, daemon, driver, "fast", watched, window, "slow-before")
-        opened = driver.request(op="open", group="slow", streams=s.slow_clients, symbols=watched,
-                                channels=s.slow_clients, slow=1.0, wait=90, timeout=120)
-        if opened["errors"]:
-            raise procs.ChildFailed(f"slow streams refused: {opened['first_error']}")
-        dproc = procs.ProcStat(daemon.pid)
-        samples: list[tuple[float, float]] = []
-        start = time.monotonic()
-        interval = 1.0 if s.quick else 5.0
-        measure_at = s.slow_seconds - window - 1.0
-        during: dict | None = None
-        while time.monotonic() - start < s.slow_seconds:
-            samples.append((time.monotonic() - start, dproc.rss_bytes() / 2**20))
-            if during is None and time.monotonic() - start >= measure_at:
-                during = self.stream_window(sim, daemon, driver, "fast", watched, window, "slow-during")
-                continue
-            time.sleep(interval)
-        samples.append((time.monotonic() - start, dproc.rss_bytes() / 2**20))
-        if during is None:
-            during = self.stream_window(sim, daemon, driver, "fast", watched, window, "slow-during")
-        counts = driver.request(op="counts")
-        driver.request(op="close", group="slow", timeout=60)
-        driver.request(op="close", group="fast", timeout=60)
-        # Baseline: once the slow streams' transport buffers have filled (the first tenth).
-        settle = s.slow_seconds / 10
-        base = [rss for t, rss in samples if t <= settle] or [samples[0][1]]
-        tail = [rss for t, rss in samples if t >= s.slow_seconds - max(settle, 2 * interval)] or [samples[-1][1]]
-        base_mb, end_mb = _median(base), _median(tail)
-        growth = (end_mb / base_mb - 1.0) * 100.0
-        ratio = during["p99_ms"] / before["p99_ms"] if during["p99_ms"] and before["p99_ms"] else None
-        self.details["slow_clients"] = {
-            "rss_samples_mb": samples,
-            "rss_start_mb": base_mb,
-            "rss_end_mb": end_mb,
-            "rss_max_mb": max(rss for _, rss in samples),
-            "fast_before": before,
-            "fast_during": during,
-            "p99_ratio": ratio,
-            "slow_received": counts["groups"].get("slow", {}).get("received"),
-        }
-        self.results["rss_growth_pct_slow_clients"] = growth
-        self.results["slow_clients_fast_p99_ratio"] = ratio
-        self.say(
-            f"  RSS {base_mb:.1f} -> {end_mb:.1f} MiB ({growth:+.1f}%), max {max(r for _, r in samples):.1f}; "
-            f"fast p99 {_ms(before['p99_ms'])} without, {_ms(during['p99_ms'])} with slow clients"
-        )
-
-    # -- 6. time to first Summary -----------------------------------------------------------------
-
-    def first_summary(self, sim: procs.Child, driver: procs.Child, fresh: list[str]) -> None:
-        s = self.sizes
-        sim.request(op="rate", rate=1000.0)
-        out: dict[str, Any] = {}
-        for delay in (0.0, 0.05):
-            sim.request(op="slow_rest", delay=delay)
-            probes = []
-            for _ in range(s.first_probes):
-                symbol = fresh.pop(0)
-                time.sleep(0.6)  # not behind the previous probe's UNSUBSCRIBE (Binance pacing)
-                probes.append(driver.request(op="first", symbol=symbol, wait=10.0, timeout=30.0))
-            sim.request(op="slow_rest", delay=0.0)
-            key = f"{int(delay * 1000)}ms"
-            out[key] = {
-                "probes": probes,
-                "first_ms": _median([p["first_ms"] for p in probes if p["first_ms"] is not None]),
-                "levels_ms": _median([p["levels_ms"] for p in probes if p["levels_ms"] is not None]),
-                "both_ms": _median([p["both_ms"] for p in probes if p["both_ms"] is not None]),
-            }
-            self.say(
-                f"first Summary, snapshot delay {key}: any {_ms(out[key]['first_ms'])}, with levels "
-                f"{_ms(out[key]['levels_ms'])}, both exchanges {_ms(out[key]['both_ms'])}"
-            )
-        self.details["first_summary"] = out
-        self.results["first_summary_ms"] = out["0ms"]["both_ms"]
-        self.results["first_summary_ms_50ms_snapshot"] = out["50ms"]["both_ms"]
-
 
 def _spread(symbols: list[str], count: int) -> list[str]:
     """`count` of the busiest-first `symbols`: the busiest third in rank order (Bitstamp's
@@ -786,7 +787,7 @@ def table(results: dict, details: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, short windows (< 60 s): a smoke test")
+    parser.add_argument("--quick", action="store_true", help="small sizes, short windows (~80 s): a smoke test")
     parser.add_argument("--out", type=Path, default=None,
                         help="where latest.json and a dated copy go (default benchmarks/results, "
                              "or benchmarks/results/quick with --quick)")
