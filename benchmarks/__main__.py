@@ -7,9 +7,11 @@ Processes (all on loopback, each stopped on exit):
   floors     python -m benchmarks.floors ... (bare Autobahn client, bare grpc.aio
              server on CPU 0; the frame blaster on CPU 1)
 
-Every timing is printed next to a floor measured in the same run; ratios are what to
-compare across runs (the machines are noisy). --quick (< 60 s) uses small sizes and short
-windows: it proves the suite works, its numbers are not the results.
+The floors and the driver run on uvloop when it is installed, as the daemon does (the
+results' "loop"). Every timing is printed next to a floor measured in the same run; ratios
+are what to compare across runs (the machines are noisy). --quick (~80 s on a quiet
+machine) uses small sizes and short windows: it proves the suite works, its numbers are not
+the results. --only runs some steps (e.g. --only whole_market).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from benchmarks import LOOP_ENV, loop_name
 from benchmarks import latency as lat
 from benchmarks import procs
 from benchmarks.scaleout import run_scaleout
@@ -35,6 +38,9 @@ from benchmarks.scaleout import run_scaleout
 RESULTS = Path(__file__).resolve().parent / "results"
 # Input rate while streams are being opened.
 QUIET_RATE = 100.0
+# Whole market: the most change events a symbol makes per second (Binance's 100 ms depth
+# stream's most).
+MARKET_CAP = 10.0
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,14 @@ class Sizes:
     slow_seconds: float
     slow_rate: float
     first_probes: int
+    # Whole market: Binance symbols and events/s, Bitstamp pairs (2 snapshots/s each), each
+    # of Bybit, Coinbase and Kraken symbols and events/s (the five-venue run), streams.
+    market_binance: tuple[int, float]
+    market_bitstamp_pairs: int
+    market_other: tuple[int, float]
+    market_streams: int
+    market_warmup: float
+    market_window: float
 
 
 FULL = Sizes(
@@ -93,6 +107,12 @@ FULL = Sizes(
     slow_seconds=300.0,
     slow_rate=5000.0,
     first_probes=5,
+    market_binance=(1500, 6000.0),
+    market_bitstamp_pairs=100,
+    market_other=(300, 1000.0),
+    market_streams=100,
+    market_warmup=5.0,
+    market_window=20.0,
 )
 
 QUICK = Sizes(
@@ -121,6 +141,12 @@ QUICK = Sizes(
     slow_seconds=4.0,
     slow_rate=1000.0,
     first_probes=1,
+    market_binance=(300, 1200.0),
+    market_bitstamp_pairs=20,
+    market_other=(60, 200.0),
+    market_streams=40,
+    market_warmup=1.5,
+    market_window=3.0,
 )
 
 
@@ -577,6 +603,154 @@ class Run:
         self.results["first_summary_ms"] = out["0ms"]["both_ms"]
         self.results["first_summary_ms_50ms_snapshot"] = out["50ms"]["both_ms"]
 
+    # -- 7. the whole market ------------------------------------------------------------------------
+
+    def whole_market(self) -> None:
+        s = self.sizes
+        n, rate = s.market_binance
+        pairs = s.market_bitstamp_pairs
+        loads = [f"binance={n}:{rate}:{MARKET_CAP}", f"bitstamp={pairs}:{2.0 * pairs}"]
+        two = self.market_run("two", loads, ("binance", "bitstamp"))
+        # Bybit, Coinbase and Kraken each list a few hundred of the pairs (their majors, so
+        # the busiest generated symbols) whose book channels at the depths the daemon
+        # subscribes change a few times a second on a typical pair: ~1,000 msgs/s over 300
+        # symbols each, with Binance's heavy-tailed shape and cap so that only the venues differ.
+        others, other_rate = s.market_other
+        loads += [f"{venue}={others}:{other_rate}:{MARKET_CAP}" for venue in ("bybit", "coinbase", "kraken")]
+        five = self.market_run("five", loads, ("binance", "bitstamp", "bybit", "coinbase", "kraken"))
+        self.details["whole_market"] = {"two_venues": two, "five_venues": five}
+        self.results["whole_market_cpu"] = two["daemon_cpu"]
+        self.results["whole_market_floor_cpu"] = two["floor"]["cpu"]
+        self.results["whole_market_cpu_five_venues"] = five["daemon_cpu"]
+
+    def market_floor(self, tag: str, urls: dict, rates: dict[str, dict[str, float]]) -> dict:
+        """The bare Autobahn + orjson client (floors.py) subscribed to the whole Binance and
+        Bitstamp market of the simulator, before the daemon starts: reading the same input at
+        the same rate, on the daemon's CPU."""
+        s = self.sizes
+        streams = [f"{symbol}@depth@100ms" for symbol in rates["binance"]]
+        # 750 streams a connection: under Binance's 1,024 (the daemon too opens two for 1,500).
+        connections: list[tuple[str, list[str]]] = [
+            (urls["binance_ws_url"] + "/stream",
+             [json.dumps({"method": "SUBSCRIBE", "params": streams[i:i + 750], "id": i})])
+            for i in range(0, len(streams), 750)
+        ]
+        connections.append((urls["bitstamp_ws_url"], [
+            json.dumps({"event": "bts:subscribe", "data": {"channel": f"order_book_{pair}"}})
+            for pair in rates["bitstamp"]
+        ]))
+        spec = Path(self.path(f"market-floor-{tag}.json"))
+        spec.write_text(json.dumps(connections))
+        warmup, window = s.market_warmup, s.market_window / 2
+        client = procs.Child(
+            f"market-floor-{tag}",
+            [procs.PYTHON, "-m", "benchmarks.floors", "ws-client", "--connections", str(spec),
+             "--warmup", str(warmup), "--duration", str(window)],
+            self.log_dir,
+            cpu=self.daemon_cpu,
+        )
+        try:
+            result: dict[str, Any] = client.read(warmup + window + 60.0)
+        finally:
+            client.stop()
+        self.say(f"  floor: bare Autobahn + orjson cpu {result['cpu']:.3f} at {result['msgs_per_s']:,.0f} msgs/s")
+        return result
+
+    def market_run(self, tag: str, loads: list[str], exchanges: tuple[str, ...]) -> dict[str, Any]:
+        s = self.sizes
+        n, rate = s.market_binance
+        self.say(f"whole market, {len(exchanges)} venues: {' '.join(loads)}; {s.market_streams} streams")
+        sim, urls = procs.start_simulator(self.log_dir, n, rate, self.load_cpu, name=f"simulator-market-{tag}", loads=loads)
+        driver: procs.Child | None = None
+        daemon: procs.Daemon | None = None
+        try:
+            rates = sim.request(op="rates")
+            symbols = list(rates["binance"])  # busiest first; every venue lists a prefix of them
+            # Only for Binance and Bitstamp (the floor client speaks their subscriptions).
+            floor = self.market_floor(tag, urls, rates) if set(exchanges) <= {"binance", "bitstamp"} else None
+            daemon = procs.Daemon(
+                self.log_dir, urls, self.daemon_cpu, symbols=symbols, max_symbols=n + 50,
+                max_streams=s.market_streams + 100, name=f"daemon-market-{tag}", extra=self.daemon_args,
+                exchanges=exchanges,
+            )
+            deadline = time.monotonic() + 180.0
+            for exchange in exchanges:
+                while daemon.live_books(exchange) < len(rates[exchange]):
+                    if time.monotonic() > deadline:
+                        raise procs.ChildFailed(f"daemon-market-{tag}: {exchange} books not live after 180 s")
+                    time.sleep(0.5)
+            driver = procs.start_driver(self.log_dir, daemon.address, self.load_cpu, name=f"driver-market-{tag}")
+            watched = _spread(symbols, s.market_streams)
+            opened = driver.request(op="open", group="market", streams=s.market_streams, symbols=watched,
+                                    channels=10, wait=90, timeout=120)
+            if opened["errors"]:
+                raise procs.ChildFailed(f"whole-market streams refused: {opened['first_error']}")
+            time.sleep(s.market_warmup)
+            dproc = procs.ProcStat(daemon.pid)
+            # Metrics scraped outside the CPU window: a scrape of 1,500 books' metrics costs
+            # the daemon ~0.1 s, which is not the market's cost.
+            m0, tm0 = daemon.metrics(), time.monotonic()
+            s0, d0 = sim.request(op="stats"), driver.request(op="counts")
+            c0, t0 = dproc.cpu_seconds(), time.monotonic()
+            time.sleep(s.market_window)
+            c1, t1 = dproc.cpu_seconds(), time.monotonic()
+            rss = dproc.rss_bytes()
+            s1, d1 = sim.request(op="stats"), driver.request(op="counts")
+            m1, tm1 = daemon.metrics(), time.monotonic()
+        finally:
+            if driver is not None:
+                driver.stop()
+            if daemon is not None:
+                daemon.stop()
+            sim.stop()
+        sim_dt, driver_dt = s1["t"] - s0["t"], d1["t"] - d0["t"]
+        venues: dict[str, Any] = {}
+        for exchange in exchanges:
+            v0, v1 = s0["venues"][exchange], s1["venues"][exchange]
+            received = procs.metric(m1, "aggregator_messages_total", exchange=exchange) - procs.metric(
+                m0, "aggregator_messages_total", exchange=exchange)
+            venues[exchange] = {
+                "symbols": len(rates[exchange]),
+                "target_msgs_per_s": sum(rates[exchange].values()),
+                "generated_per_s": (v1["generated"] - v0["generated"]) / sim_dt,
+                "skipped": v1["skipped"] - v0["skipped"],
+                "received_msgs_per_s": received / (tm1 - tm0),
+            }
+        received_total = sum(v["received_msgs_per_s"] for v in venues.values())
+        # The simulator fell behind its rates (it shares its CPU with the driver, and the
+        # machine with others): the daemon's share is then of a smaller market.
+        limited = any(v["skipped"] or v["generated_per_s"] < 0.97 * v["target_msgs_per_s"] for v in venues.values())
+        cpu = (c1 - c0) / (t1 - t0)
+        out = {
+            "daemon_cpu": cpu,
+            "floor": floor,
+            "received_msgs_per_s": received_total,
+            "simulator_limited": limited,
+            "venues": venues,
+            "streams": s.market_streams,
+            "watched_symbols": len(set(watched)),
+            "summaries_per_s": (d1["groups"]["market"]["received"] - d0["groups"]["market"]["received"]) / driver_dt,
+            "sim_cpu": (s1["cpu"] - s0["cpu"]) / sim_dt,
+            "window_s": t1 - t0,
+            "daemon_rss_mb": rss / 2**20,
+        }
+        per_venue = ", ".join(f"{e} {v['received_msgs_per_s']:,.0f}" for e, v in venues.items())
+        self.say(
+            f"  daemon cpu {cpu:.3f} of a core at {received_total:,.0f} msgs/s in ({per_venue}); "
+            f"{out['summaries_per_s']:,.0f} Summaries/s out; "
+            f"simulator cpu {out['sim_cpu']:.2f}{' (simulator-limited)' if limited else ''}"
+        )
+        return out
+
+
+def _spread(symbols: list[str], count: int) -> list[str]:
+    """`count` of the busiest-first `symbols`: the busiest third in rank order (Bitstamp's
+    pairs among them), the rest evenly over the quieter tail."""
+    busiest = min(count // 3, len(symbols))
+    tail = symbols[busiest:]
+    rest = count - busiest
+    return symbols[:busiest] + [tail[i * len(tail) // rest] for i in range(rest)] if tail and rest else symbols[:count]
+
 
 def _median(values: list) -> Any:
     values = sorted(v for v in values if v is not None)
@@ -602,7 +776,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": f"{model} ({os.cpu_count()} CPUs)", "python": platform.python_version()}
+    return {"cpu": f"{model} ({os.cpu_count()} CPUs)", "python": platform.python_version(), "loop": loop_name()}
 
 
 def table(results: dict, details: dict) -> str:
@@ -613,12 +787,12 @@ def table(results: dict, details: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, short windows (< 60 s): a smoke test")
+    parser.add_argument("--quick", action="store_true", help="small sizes, short windows (~80 s): a smoke test")
     parser.add_argument("--out", type=Path, default=None,
                         help="where latest.json and a dated copy go (default benchmarks/results, "
                              "or benchmarks/results/quick with --quick)")
     parser.add_argument("--logs", type=Path, default=None, help="process logs (default: a temporary directory)")
-    parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout,nats")
+    parser.add_argument("--only", default="", help="comma-separated subset: bookpath,ingest,latency,fanout,whole_market,nats")
     parser.add_argument("--daemon-args", default="",
                         help="extra daemon options, e.g. '--gc python' (compare runs with and without)")
     args = parser.parse_args(argv)
@@ -634,12 +808,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - started:6.1f}s] {text}", flush=True)
 
     procs.install_cleanup()
-    run = Run(sizes, log_dir, say, shlex.split(args.daemon_args))
+    daemon_args = shlex.split(args.daemon_args)
+    if "--loop=asyncio" in daemon_args or "--loop asyncio" in " ".join(daemon_args):
+        # The daemon kept off uvloop: so do the floors and the driver (children inherit this).
+        os.environ[LOOP_ENV] = "asyncio"
+    run = Run(sizes, log_dir, say, daemon_args)
     if run.load_cpu is not None:
         # This process (analysis between windows) stays off the daemon's CPU too.
         os.sched_setaffinity(0, {run.load_cpu})
     say(f"benchmarks ({'quick' if sizes.quick else 'full'}); logs in {log_dir}; "
-        f"daemon on CPU {run.daemon_cpu}, load on CPU {run.load_cpu}")
+        f"daemon on CPU {run.daemon_cpu}, load on CPU {run.load_cpu}; {loop_name()} loop")
     ok = True
     try:
         if not only or "bookpath" in only:
@@ -661,6 +839,8 @@ def main(argv: list[str] | None = None) -> int:
             run.latency()
         if not only or "fanout" in only:
             run.fanout()
+        if not only or "whole_market" in only:
+            run.whole_market()
         if not only or "nats" in only:
             run_scaleout(run)  # benchmarks/scaleout.py
     except BaseException:  # a failure, or stopped (SIGINT/SIGTERM): no results file

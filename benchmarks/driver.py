@@ -37,6 +37,7 @@ from typing import Any
 
 import grpc
 
+from benchmarks import use_uvloop
 from benchmarks.procs import ProcStat
 
 METHOD = "/orderbook.Aggregator/BookSummary"
@@ -269,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.driver")
     parser.add_argument("--address", required=True)
     args = parser.parse_args(argv)
+    use_uvloop()  # the clients on the daemon's loop, as the floors
     asyncio.run(serve(args.address))
     return 0
 

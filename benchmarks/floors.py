@@ -5,11 +5,14 @@ the daemon:
   daemon) that only receives and orjson-decodes Binance-shaped diff frames from the
   scale generator, sent by a "blaster" that writes pre-framed frames as fast as the socket
   takes them (the simulator itself cannot send as fast as a bare client receives);
+- whole-market floor: the same client subscribed to the simulator's whole market (every
+  Binance diff stream, every Bitstamp order_book_ channel) at the daemon's input rate;
 - fan-out floor: a bare grpc.aio server (plain asyncio) whose BookSummary handler yields one
   pre-serialized Summary of the daemon's size in a loop, to the same client driver.
 
     python -m benchmarks.floors blaster --symbols N --messages M
     python -m benchmarks.floors ws-client --url ws://127.0.0.1:P --warmup 1 --duration 5
+    python -m benchmarks.floors ws-client --connections FILE.json --warmup 2 --duration 10
     python -m benchmarks.floors grpc-server --port P
 """
 
@@ -25,6 +28,7 @@ import time
 from typing import Any
 
 from aggregator.simulator.wsserver import ws_frame
+from benchmarks import use_uvloop
 
 
 # -- blaster: pre-framed frames as fast as the socket takes them ---------------------------
@@ -100,7 +104,9 @@ async def _blaster(symbols: int, messages: int) -> None:
 # -- the bare Autobahn client ---------------------------------------------------------------
 
 
-def _ws_client(url: str, warmup: float, duration: float) -> dict:
+def _ws_client(connections: list[tuple[str, list[str]]], warmup: float, duration: float) -> dict:
+    """Open each (url, messages) connection, send its messages (subscriptions) once open,
+    and count and decode what arrives on all of them; measure after `warmup`."""
     from aggregator.reactor import install_asyncio_reactor
 
     install_asyncio_reactor()
@@ -111,33 +117,42 @@ def _ws_client(url: str, warmup: float, duration: float) -> dict:
     result: dict[str, Any] = {}
     count = [0]
     loads = orjson.loads
+    opened: list[WebSocketClientProtocol] = []
+    mark: dict[str, float] = {}
+
+    def start() -> None:
+        mark.update(c0=count[0], t0=time.perf_counter(), cpu0=time.process_time())
+        reactor.callLater(duration, stop)
+
+    def stop() -> None:
+        elapsed = time.perf_counter() - mark["t0"]
+        result["msgs_per_s"] = (count[0] - mark["c0"]) / elapsed
+        result["cpu"] = (time.process_time() - mark["cpu0"]) / elapsed
+        result["connections"] = len(opened)
+        for protocol in opened:
+            protocol.dropConnection(abort=True)
+        reactor.stop()
 
     class Client(WebSocketClientProtocol):
         def onOpen(self) -> None:
-            reactor.callLater(warmup, self.start)
-
-        def start(self) -> None:
-            self.c0, self.t0 = count[0], time.perf_counter()
-            self.cpu0 = time.process_time()
-            reactor.callLater(duration, self.stop)
-
-        def stop(self) -> None:
-            elapsed = time.perf_counter() - self.t0
-            result["msgs_per_s"] = (count[0] - self.c0) / elapsed
-            result["cpu"] = (time.process_time() - self.cpu0) / elapsed
-            self.dropConnection(abort=True)
-            reactor.stop()
+            opened.append(self)
+            for message in self.factory.messages:
+                self.sendMessage(message.encode())
+            if len(opened) == len(connections):
+                reactor.callLater(warmup, start)
 
         def onMessage(self, payload: bytes, isBinary: bool) -> None:
             loads(payload)
             count[0] += 1
 
-    factory = WebSocketClientFactory(url)
-    factory.protocol = Client
-    # As the daemon's feed: no size limits.
-    # As the daemon's client (aggregator/exchanges/websocket.py): orjson checks UTF-8.
-    factory.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0, utf8validateIncoming=False)
-    connectWS(factory)
+    for url, messages in connections:
+        factory = WebSocketClientFactory(url)
+        factory.protocol = Client
+        factory.messages = messages
+        # As the daemon's feed: no size limits.
+        # As the daemon's client (aggregator/exchanges/websocket.py): orjson checks UTF-8.
+        factory.setProtocolOptions(maxFramePayloadSize=0, maxMessagePayloadSize=0, utf8validateIncoming=False)
+        connectWS(factory)
     reactor.callLater(warmup + duration + 30.0, reactor.stop)  # bounded whatever happens
     reactor.run()
     return result
@@ -197,16 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--symbols", type=int, default=200)
     b.add_argument("--messages", type=int, default=20_000)
     c = sub.add_parser("ws-client")
-    c.add_argument("--url", required=True)
+    c.add_argument("--url", help="one connection, nothing sent (a blaster's)")
+    c.add_argument("--connections", type=argparse.FileType(),
+                   help='JSON [[url, [message, ...]], ...]: connections and the subscriptions each sends')
     c.add_argument("--warmup", type=float, default=1.0)
     c.add_argument("--duration", type=float, default=5.0)
     g = sub.add_parser("grpc-server")
     g.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)
+    use_uvloop()  # the daemon's loop (also under Twisted's asyncio reactor, in ws-client)
     if args.what == "blaster":
         asyncio.run(_blaster(args.symbols, args.messages))
     elif args.what == "ws-client":
-        print(json.dumps(_ws_client(args.url, args.warmup, args.duration)), flush=True)
+        connections = json.load(args.connections) if args.connections else [(args.url, [])]
+        print(json.dumps(_ws_client(connections, args.warmup, args.duration)), flush=True)
     else:
         asyncio.run(_grpc_server(args.port))
     return 0

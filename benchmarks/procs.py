@@ -206,13 +206,14 @@ def install_cleanup() -> None:
 # -- the three kinds of processes --------------------------------------------------------
 
 
-def start_simulator(log_dir: Path, symbols: int, rate: float, cpu: int | None, name: str = "simulator") -> tuple[Child, dict]:
-    child = Child(
-        name,
-        [PYTHON, "-m", "benchmarks.simproc", "--symbols", str(symbols), "--rate", str(rate)],
-        log_dir,
-        cpu=cpu,
-    )
+def start_simulator(
+    log_dir: Path, symbols: int, rate: float, cpu: int | None, name: str = "simulator", loads: Sequence[str] = ()
+) -> tuple[Child, dict]:
+    """`loads`: simproc's --load values (whole-market mode), which then set the rates."""
+    argv = [PYTHON, "-m", "benchmarks.simproc", "--symbols", str(symbols), "--rate", str(rate)]
+    for load in loads:
+        argv += ["--load", load]
+    child = Child(name, argv, log_dir, cpu=cpu)
     hello = child.read(timeout=120.0)
     return child, hello["urls"]
 
@@ -230,6 +231,7 @@ class Daemon:
         max_streams: int = 1100,
         name: str = "daemon",
         extra: Sequence[str] = (),
+        exchanges: Sequence[str] = ("binance", "bitstamp"),
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -242,11 +244,12 @@ class Daemon:
             "--listen", self.address,
             "--metrics", f"127.0.0.1:{self.metrics_port}",
             # The venues measured here; never a live venue's default URL.
-            "--exchanges", "binance,bitstamp",
-            "--binance-ws-url", urls["binance_ws_url"],
-            "--binance-rest-url", urls["binance_rest_url"],
-            "--bitstamp-ws-url", urls["bitstamp_ws_url"],
-            "--bitstamp-rest-url", urls["bitstamp_rest_url"],
+            "--exchanges", ",".join(exchanges),
+        ]
+        for exchange in exchanges:
+            argv += [f"--{exchange}-ws-url", urls[f"{exchange}_ws_url"],
+                     f"--{exchange}-rest-url", urls[f"{exchange}_rest_url"]]
+        argv += [
             "--max-symbols", str(max(max_symbols, len(symbols))),
             "--max-streams", str(max_streams),
         ]

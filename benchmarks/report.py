@@ -46,6 +46,32 @@ def _venue_rows(bp: dict) -> list[tuple[str, str, str, str, str, str]]:
     ]
 
 
+def _market_rows(wm: dict | None) -> list[tuple[str, str, str, str, str, str]]:
+    """The daemon's CPU share with the whole market in, two venues then five (issue 12:
+    ≤ 0.5 of one core for both)."""
+    rows = []
+    for key in ("two_venues", "five_venues"):
+        r = (wm or {}).get(key)
+        if not r:
+            continue
+        venues = r["venues"]
+        listing = ", ".join(f"{v['symbols']:,} {e}" for e, v in venues.items())
+        cpu, floor = r["daemon_cpu"], r.get("floor")
+        rows.append((
+            f"Whole market, {len(venues)} venues ({listing} symbols), {r['streams']} streams "
+            "(daemon CPU, fraction of one core)",
+            f"{_n(cpu, '.3f')} at {_n(r['received_msgs_per_s'])} msgs/s in"
+            f"{' (simulator-limited)' if r.get('simulator_limited') else ''}; "
+            f"{_n(r['summaries_per_s'])} Summaries/s out",
+            f"bare Autobahn + orjson, same input: {_n(floor['cpu'], '.3f')} at {_n(floor['msgs_per_s'])} msgs/s"
+            if floor else "— (the floor client speaks Binance and Bitstamp only)",
+            f"{_n(cpu / floor['cpu'], '.1f')}× floor" if floor and floor["cpu"] else "—",
+            "≤ 0.5",
+            _met(cpu <= 0.5),
+        ))
+    return rows
+
+
 def render(results: dict, details: dict) -> str:
     rows: list[tuple[str, str, str, str, str, str]] = []
     ingest = details.get("ingest", {})
@@ -135,6 +161,7 @@ def render(results: dict, details: dict) -> str:
             "≥ 80% of floor",
             _met(ratio >= 0.8 if ratio is not None else None),
         ))
+    rows += _market_rows(details.get("whole_market"))
     if results.get("rss_mb_live_books") is not None:
         rows.append((
             f"Memory: RSS with {results.get('ingest_symbols', 0):,} live symbol books",

@@ -3,11 +3,17 @@ for N generated symbols, each frame carrying the simulator's send time), control
 stdin/stdout with JSON lines.
 
     python -m benchmarks.simproc --symbols 200 --rate 5000
+    python -m benchmarks.simproc --load binance=1500:6000:10 --load bitstamp=100:200
 
+(--load VENUE=SYMBOLS:RATE[:CAP], whole-market mode: each venue its own first SYMBOLS
+symbols at RATE events/s in total, heavy-tailed per symbol up to CAP/s if given)
 prints {"urls": {...}} once listening, then answers requests:
 
-    {"op": "rate", "rate": R}          total Binance change events/s from now on
-    {"op": "stats"}                    frames sent, events generated, CPU seconds
+    {"op": "rate", "rate": R}          total Binance change events/s from now on (with
+                                       --load: every venue's rate scaled alike)
+    {"op": "stats"}                    frames sent, events generated, CPU seconds (Binance;
+                                       per venue under "venues")
+    {"op": "rates"}                    per venue, each listed symbol's events/s
     {"op": "record_start", "symbols": [...]}   start keeping these symbols' frames
     {"op": "record_stop", "path": P}   write the start books + frames to P (pickle)
     {"op": "sample_frames", "count": N, "path": P}  next N frames (any symbol) to P
@@ -32,6 +38,18 @@ from typing import Any
 from benchmarks.procs import ProcStat
 
 
+def parse_load(text: str) -> tuple[str, Any]:
+    """VENUE=SYMBOLS:RATE[:CAP] -> (venue, scale.VenueLoad)."""
+    from aggregator.simulator.scale import VenueLoad
+
+    venue, _, spec = text.partition("=")
+    parts = spec.split(":")
+    if not venue or len(parts) not in (2, 3):
+        raise argparse.ArgumentTypeError(f"--load {text!r}: expected VENUE=SYMBOLS:RATE[:CAP]")
+    cap = float(parts[2]) if len(parts) == 3 else None
+    return venue, VenueLoad(int(parts[0]), float(parts[1]), cap)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.simproc")
     parser.add_argument("--symbols", type=int, default=200)
@@ -39,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bitstamp-rate", type=float, default=0.0)
     parser.add_argument("--tick", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--load", action="append", default=[], type=parse_load,
+                        help="whole-market mode: VENUE=SYMBOLS:RATE[:CAP] (repeat per venue)")
     args = parser.parse_args(argv)
+    loads = dict(args.load)
 
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver, LogLevel, FilteringLogObserver, LogLevelFilterPredicate
@@ -51,19 +72,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from aggregator.simulator import SimulatorService
     from aggregator.simulator import binance as sim_binance
+    from aggregator.simulator.venues import EXCHANGES
 
     # The scale source caps catch-up per tick at rate × 0.1 s: a high base rate keeps that
-    # cap out of the way (the speed multiplier sets the real rate).
-    base_rate = 100_000.0
+    # cap out of the way (the speed multiplier sets the real rate). With --load the loads are
+    # the rates at speed 1 (a whole market's rates are high enough for that cap).
+    base_rate = loads["binance"].rate if "binance" in loads else 100_000.0
     sim = SimulatorService(
         reactor=reactor,
         source="scale",
-        symbols=args.symbols,
+        symbols=max([load.symbols for load in loads.values()], default=args.symbols),
         rate=base_rate,
         bitstamp_rate=args.bitstamp_rate * base_rate / args.rate if args.rate > 0 else 0.0,
-        speed=args.rate / base_rate,
+        speed=1.0 if loads else args.rate / base_rate,
         tick=args.tick,
         seed=args.seed,
+        scale_loads=loads or None,
         # The daemon reads the weight budget from exchangeInfo: generous, so that 1,500
         # snapshots at start-up are not paced over many minutes (the benchmark measures the
         # data path, not the REST limiter).
@@ -105,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             "cpu": process.cpu_seconds(),
             "rss": process.rss_bytes(),
             "connections": sim.connections("binance"),
+            "venues": {
+                exchange: {
+                    "frames_sent": sim.frames_sent(exchange),
+                    "generated": s.get(exchange, {}).get("generated"),
+                    "skipped": s.get(exchange, {}).get("skipped"),
+                }
+                for exchange in EXCHANGES
+            },
         }
 
     def handle(request: dict) -> Any:
@@ -114,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             return {"ok": True, "speed": scale.speed}
         if op == "stats":
             return stats()
+        if op == "rates":
+            return {exchange: {symbol: rate * scale.speed for symbol, rate in rates.items()}
+                    for exchange, rates in scale.symbol_rates.items()}
         if op == "record_start":
             symbols = set(request["symbols"])
             start = {}
@@ -155,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     # Each market keeps an undo log of its last change events, for the stale-snapshot fault,
     # which the benchmarks do not use; with 1,500 symbols it costs the generator 2.5x its
     # throughput (20,000 vs 8,000 events/s on one core), so it is switched off here.
-    for exchange in ("binance", "bitstamp"):
+    for exchange in EXCHANGES:
         for symbol in sim.symbols(exchange):
             market = sim.market(exchange, symbol)
             if getattr(market, "_history", None) is not None:

@@ -64,5 +64,10 @@ def test_quick_benchmark_writes_numbers(tmp_path):
     for key in ("python", "cpu", "date"):
         assert isinstance(results[key], str) and results[key], key
     assert results["ingest_msgs_per_s"] > 0 and results["fanout_msgs_per_s_1000"] > 0
+    # The daemon's CPU share with the whole market in: a fraction of one core (a little over
+    # 1 can be measured on a loaded machine), beside its floor.
+    for key in ("whole_market_cpu", "whole_market_cpu_five_venues", "whole_market_floor_cpu"):
+        assert 0 < results[key] <= 2, (key, results[key])
+    assert results["loop"] in ("uvloop", "asyncio")
     # Every process the suite started is gone: nothing listens on its ports any more.
     assert "| benchmark |" in done.stdout

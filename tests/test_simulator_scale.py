@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import orjson
 import pytest
@@ -11,7 +12,13 @@ from twisted.internet.testing import MemoryReactorClock
 
 from aggregator.simulator import SimulatorService
 from aggregator.simulator.binance import SEND_TIME_FIELD
-from aggregator.simulator.scale import FINITE_CHANGES, MAX_BACKLOG, scale_symbol_names
+from aggregator.simulator.scale import (
+    FINITE_CHANGES,
+    MAX_BACKLOG,
+    VenueLoad,
+    heavy_tailed_rates,
+    scale_symbol_names,
+)
 
 from tests.simclient import TIMEOUT, Reference, connect, get, running, sleep
 from tests.test_simulator_faults import _Conn, clocked
@@ -118,6 +125,66 @@ def test_scale_arguments():
     sim = SimulatorService(reactor=clock, source="scale", symbols=3, rate=10.0, bitstamp_rate=0.0)
     assert sim.scale_stats()["bitstamp"]["rate"] == 0.0
     assert SimulatorService(reactor=clock, source="synthetic").scale_stats() is None
+
+
+def test_heavy_tailed_rates_total_cap_seed_and_quiet_majority():
+    rates = heavy_tailed_rates(1, "binance", 1500, 6000.0, 10.0)
+    assert len(rates) == 1500 and sum(rates) == pytest.approx(6000.0)
+    assert max(rates) == 10.0 and min(rates) > 0
+    assert rates == sorted(rates, reverse=True)  # busiest first: the names are ranks
+    # Heavy-tailed: a minority at the cap, most symbols well under the mean rate (4/s).
+    assert 50 <= rates.count(10.0) <= 500
+    median = sorted(rates)[len(rates) // 2]
+    assert median < 0.6 * 4.0
+    assert sum(r < 1.0 for r in rates) >= 150
+    assert heavy_tailed_rates(1, "binance", 1500, 6000.0, 10.0) == rates
+    assert heavy_tailed_rates(2, "binance", 1500, 6000.0, 10.0) != rates
+    assert heavy_tailed_rates(1, "bybit", 1500, 6000.0, 10.0) != rates
+    # Exactly the cap for everyone, and more than fits.
+    assert heavy_tailed_rates(1, "kraken", 10, 100.0, 10.0) == [10.0] * 10
+    with pytest.raises(ValueError):
+        heavy_tailed_rates(1, "kraken", 10, 101.0, 10.0)
+
+
+def count_events(sim: SimulatorService, names: list[str]) -> Counter[str]:
+    """Binance change events per symbol from now on (counted as the markets apply them)."""
+    counts: Counter[str] = Counter()
+    for symbol in names:
+        sim.market("binance", symbol).subscribe(lambda update, symbol=symbol: counts.update((symbol,)))
+    return counts
+
+
+def test_scale_loads_list_per_venue_and_draw_in_proportion():
+    loads = {"binance": VenueLoad(200, 800.0, 10.0), "bitstamp": VenueLoad(20, 40.0)}
+    with clocked(source="scale", symbols=200, scale_loads=loads, seed=3) as (sim, clock):
+        names = scale_symbol_names(200)
+        assert sim.symbols("binance") == names and sim.symbols("bitstamp") == names[:20]
+        assert sim.symbols("bybit") == sim.symbols("kraken") == sim.symbols("coinbase") == []
+        rates = sim._scale.symbol_rates
+        assert rates["bitstamp"] == {s: 2.0 for s in names[:20]}
+        assert sum(rates["binance"].values()) == pytest.approx(800.0) and max(rates["binance"].values()) == 10.0
+        counts = count_events(sim, names)
+        for _ in range(1000):  # ten seconds in 10 ms ticks
+            clock.advance(0.01)
+        stats = sim.scale_stats()
+        # (Ten seconds of 10 ms steps add up to a hair under 10 s in floating point.)
+        assert 7990 <= stats["binance"]["generated"] <= 8000 and 398 <= stats["bitstamp"]["generated"] <= 400
+        assert stats["bybit"]["generated"] == 0
+        busy = [s for s in names if rates["binance"][s] == 10.0]
+        quiet = names[-50:]
+        assert sum(counts[s] for s in busy) == pytest.approx(100 * len(busy), rel=0.1)
+        assert sum(counts[s] for s in quiet) == pytest.approx(10 * sum(rates["binance"][s] for s in quiet), rel=0.25)
+    # The same seed, the same books.
+    with clocked(source="scale", symbols=200, scale_loads=loads, seed=3) as (sim2, clock2):
+        again = count_events(sim2, names)
+        for _ in range(1000):
+            clock2.advance(0.01)
+        assert again == counts
+    clock = MemoryReactorClock()
+    with pytest.raises(ValueError):
+        SimulatorService(reactor=clock, source="scale", symbols=10, scale_loads={"binance": VenueLoad(11, 10.0)})
+    with pytest.raises(ValueError):
+        SimulatorService(reactor=clock, source="scale", symbols=10, scale_loads={"nyse": VenueLoad(5, 10.0)})
 
 
 @pytest_twisted.ensureDeferred

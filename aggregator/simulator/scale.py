@@ -10,6 +10,9 @@ book. Change events hit 1-5 levels near the top; now and then the book's centre 
 
 Rates are totals over all symbols, in change events per second (times `speed`): `rate` for
 Binance, `bitstamp_rate` for Bitstamp. Which symbol changes is drawn uniformly per event.
+Whole-market mode (`loads`, one VenueLoad per venue) sets each venue's own symbols (the first
+N generated ones), total rate and, with a `cap`, heavy-tailed per-symbol rates
+(`heavy_tailed_rates`): the symbol of each event is then drawn in proportion to its rate.
 Generation runs in a LoopingCall every `tick` seconds on the reactor clock and makes the events
 due by then (so a test driving a Clock gets exact counts); when the reactor falls behind by
 more than MAX_BACKLOG seconds' worth, the excess is skipped and counted (`stats()`), so
@@ -21,11 +24,13 @@ Determinism: the n-th event of an exchange depends only on the seed and n.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -50,6 +55,11 @@ MIN_LEVELS = 20  # deletes stop below this many levels on a side
 MOVE_PROBABILITY = 0.08  # per event: the centre moves one tick
 REVERSION = 200  # ticks: the centre is pulled back towards its start beyond ~this
 SIZES = 64  # distinct level sizes per book
+# Whole-market mode: the shape of the Pareto weights of heavy-tailed per-symbol rates. 0.5 is
+# the heaviest tail that still reads as a market: with 1,500 symbols, 6,000 events/s and a cap
+# of 10/s, ~350 symbols sit at the cap (what Binance's 100 ms depth stream allows at most) and
+# half of them change under 2.1 times a second (a thinner tail, 1.0, puts the median at 2.7).
+PARETO_SHAPE = 0.5
 
 
 def _rng(seed: int, *parts: str) -> random.Random:
@@ -60,6 +70,46 @@ def scale_symbol_names(count: int) -> list[str]:
     """s0001usdt, s0002usdt, ... (at least 4 digits)."""
     width = max(4, len(str(count)))
     return [f"s{i:0{width}d}{QUOTE}" for i in range(1, count + 1)]
+
+
+@dataclass(frozen=True, slots=True)
+class VenueLoad:
+    """One venue's traffic in whole-market mode: the first `symbols` generated symbols are
+    listed on it, changing `rate` times a second in total (times `speed`); with `cap` the
+    per-symbol rates are heavy-tailed (heavy_tailed_rates) and none exceeds `cap`, without it
+    they are equal."""
+
+    symbols: int
+    rate: float
+    cap: float | None = None
+
+
+def heavy_tailed_rates(seed: int, exchange: str, count: int, total: float, cap: float) -> list[float]:
+    """`count` per-symbol rates, busiest first (so the generated names are ranks), summing to
+    `total`, none above `cap`: Pareto(PARETO_SHAPE) weights drawn with the seed, scaled to
+    the total; whatever a symbol would have had beyond the cap goes to the others in
+    proportion to their weights (water-filling), so the total stays exact."""
+    if count < 1 or not total > 0 or not cap > 0:
+        raise ValueError("heavy-tailed rates need symbols, a total and a cap > 0")
+    if total > cap * count:
+        raise ValueError(f"{total} events/s cannot fit {count} symbols capped at {cap}/s")
+    rng = _rng(seed, "scale-rates", exchange)
+    weights = sorted((rng.paretovariate(PARETO_SHAPE) for _ in range(count)), reverse=True)
+    capped = 0
+    scale = 0.0
+    # Each pass caps at least one more symbol or stops: at most `count` passes.
+    for _ in range(count):
+        rest = sum(weights[capped:])
+        scale = (total - cap * capped) / rest
+        newly = capped
+        while newly < count and weights[newly] * scale > cap:
+            newly += 1
+        if newly == capped:
+            break
+        capped = newly
+        if capped == count:  # total == cap * count: every symbol at the cap
+            break
+    return [cap] * capped + [w * scale for w in weights[capped:]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,6 +243,9 @@ class _Stream:
         self.rate = rate
         self.rng = rng
         self.books: list[tuple[ScaleBookMaker, Market]] = []
+        # Heavy-tailed rates: running totals of the books' rates, to draw each event's book
+        # in proportion to its rate; None: uniformly.
+        self.cumulative: list[float] | None = None
         self.generated = 0
         self.skipped = 0
 
@@ -208,10 +261,21 @@ class _Stream:
         r = rng.random
         books = self.books
         n = len(books)
-        for _ in range(due):
-            maker, market = books[int(r() * n)]
-            bids, asks = maker.step(rng)
-            market.apply_sorted(bids, asks)
+        cumulative = self.cumulative
+        if cumulative is None:
+            for _ in range(due):
+                maker, market = books[int(r() * n)]
+                bids, asks = maker.step(rng)
+                market.apply_sorted(bids, asks)
+        else:
+            total = cumulative[-1]
+            pick = bisect.bisect_right
+            last = n - 1
+            for _ in range(due):
+                # min(): r() * total may round up to the total itself.
+                maker, market = books[min(pick(cumulative, r() * total), last)]
+                bids, asks = maker.step(rng)
+                market.apply_sorted(bids, asks)
         self.generated += due
 
 
@@ -231,6 +295,7 @@ class ScaleSource(PlayedSource):
         loop: bool = True,
         tick: float = DEFAULT_TICK,
         venues: tuple[type[Venue], ...] = VENUES,
+        loads: Mapping[str, VenueLoad] | None = None,
     ):
         super().__init__()
         if symbols < 1:
@@ -238,10 +303,20 @@ class ScaleSource(PlayedSource):
         if not rate > 0:
             raise ValueError("rate must be > 0")
         # Each venue's rate: its share of `rate`; bitstamp_rate (the CLI's --bitstamp-rate)
-        # overrides Bitstamp's.
+        # overrides Bitstamp's. With `loads`, each venue's own load; a venue without one lists
+        # nothing.
         rates = {venue.name: rate * venue.scale_share for venue in venues}
+        listed = {venue.name: symbols for venue in venues}
         if bitstamp_rate is not None:
             rates["bitstamp"] = bitstamp_rate
+        if loads is not None:
+            unknown = set(loads) - set(rates)
+            if unknown:
+                raise ValueError(f"loads for unknown venues: {', '.join(sorted(unknown))}")
+            if any(load.symbols > symbols or load.symbols < 1 for load in loads.values()):
+                raise ValueError(f"every load needs 1 to {symbols} symbols")
+            rates = {name: loads[name].rate if name in loads else 0.0 for name in rates}
+            listed = {name: loads[name].symbols if name in loads else 0 for name in rates}
         if any(r < 0 for r in rates.values()):
             raise ValueError("bitstamp_rate must be >= 0")
         if not tick > 0:
@@ -255,9 +330,11 @@ class ScaleSource(PlayedSource):
         self._streams = {
             venue.name: _Stream(venue.name, rates[venue.name], _rng(seed, "scale", venue.name)) for venue in venues
         }
-        for spec in self.specs:
+        for index, spec in enumerate(self.specs):
             for venue in venues:
                 exchange = venue.name
+                if index >= listed[exchange]:
+                    continue
                 rng = _rng(seed, "scale-book", exchange, spec.symbol)
                 maker = ScaleBookMaker(spec, rng, *venue.decimals(spec.symbol, spec.tick_exp))
                 first_id = venue.first_update_id(rng)
@@ -266,6 +343,17 @@ class ScaleSource(PlayedSource):
                 market = Market(exchange, spec.symbol, clock.seconds, Book(bids, asks), first_id)
                 self.markets[(exchange, spec.symbol)] = market
                 self._streams[exchange].books.append((maker, market))
+        # Per symbol rate of each venue's books, in events per second at speed 1.
+        self.symbol_rates: dict[str, dict[str, float]] = {}
+        for exchange, stream in self._streams.items():
+            names = [market.symbol for _, market in stream.books]
+            load = loads.get(exchange) if loads is not None else None
+            if load is not None and load.cap is not None:
+                per_symbol = heavy_tailed_rates(seed, exchange, len(names), load.rate, load.cap)
+                stream.cumulative = list(itertools.accumulate(per_symbol))
+            else:
+                per_symbol = [stream.rate / len(names)] * len(names) if names else []
+            self.symbol_rates[exchange] = dict(zip(names, per_symbol))
         self._duration = None if loop else FINITE_CHANGES * symbols / rate
         self.played = 0.0  # scale seconds generated so far
         self._last = 0.0

@@ -21,7 +21,7 @@ from .market import Market
 from .player import PlayedSource
 from .recorded import RecordedSource
 from .registry import RANDOM_FAULTS, draw, parse_fault_names
-from .scale import DEFAULT_RATE, DEFAULT_SYMBOLS, DEFAULT_TICK, ScaleSource
+from .scale import DEFAULT_RATE, DEFAULT_SYMBOLS, DEFAULT_TICK, ScaleSource, VenueLoad
 from .synthetic import SyntheticSource
 from .venue import Limits, Venue, VenueSetup
 from .venues import EXCHANGES, VENUES
@@ -67,6 +67,8 @@ class SimulatorService(Service):
     Scale mode (scale.py): `symbols` generated symbols, `rate` Binance change events per
     second in total (each its own frame, carrying binance.SEND_TIME_FIELD), `bitstamp_rate`
     Bitstamp events per second (default rate / 10), generated every `tick` seconds.
+    `scale_loads` (whole-market mode): each venue's own symbols, rate and per-symbol rate
+    shape (scale.VenueLoad), instead of `rate` and `bitstamp_rate`.
 
     Faults: `faults` = "random" or comma-separated names from registry.RANDOM_FAULTS injects one every
     `fault_interval` seconds. Limits: `rest_weight_limit` (Binance weight per minute),
@@ -91,6 +93,7 @@ class SimulatorService(Service):
         rate: float = DEFAULT_RATE,
         bitstamp_rate: float | None = None,
         tick: float = DEFAULT_TICK,
+        scale_loads: Mapping[str, VenueLoad] | None = None,
         faults: str | Iterable[str] | None = None,
         fault_interval: float = 5.0,
         rest_weight_limit: int = binance.WEIGHT_LIMIT,
@@ -135,6 +138,7 @@ class SimulatorService(Service):
                 speed=speed,
                 loop=loop,
                 tick=tick,
+                loads=scale_loads,
             )
             self._sources.append(self._scale)
             listings = self._scale.listings
