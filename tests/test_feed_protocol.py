@@ -122,3 +122,32 @@ def test_feed_protocol_on_a_string_transport_reports_to_its_connection():
         protocol.connectionLost(Failure(ConnectionDone()))
         assert len(events.lost) == 1 and "1001" in events.lost[0]
         assert not connection.connected
+
+
+def test_a_message_is_handed_over_whole_without_autobahns_observer_futures():
+    # FeedProtocol.onMessageEnd replaces Autobahn's, which also fires "message"
+    # observers (a txaio future per message): nothing observes them here.
+    received = []
+
+    class Handler:
+        def message_received(self, payload):
+            received.append(payload)
+
+    with replace_loop(Clock()):
+        factory = FeedClientFactory("ws://127.0.0.1:9/stream", Handler(), reactor=Clock())
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 9))
+        protocol.opened.addErrback(lambda failure: None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        handler = factory.handler
+        handler.connection_opened = lambda protocol: None
+        handshake(protocol, transport)
+
+        def no_observers(*args, **kwargs):
+            raise AssertionError("Autobahn's message observers were fired")
+
+        protocol.fire = no_observers
+        protocol.dataReceived(server_frame(b'{"a":1}'))
+        # One message in two frames (FIN clear, then a continuation frame).
+        protocol.dataReceived(bytes([0x01, 4]) + b'{"b"' + bytes([0x80, 3]) + b":2}")
+        assert received == [b'{"a":1}', b'{"b":2}']
