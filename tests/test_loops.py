@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
+from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 from aggregator.reactor import LOOPS, default_loop
@@ -48,6 +49,21 @@ async def test_the_in_process_suite_runs_on_the_selected_loop():
     assert loop_of(reactor._asyncioEventloop) == SELECTED
     # What grpc.aio and Deferred.asFuture find while the reactor runs.
     assert asyncio.get_running_loop() is reactor._asyncioEventloop
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_child_that_exits_after_closing_its_pipes_is_reaped():
+    # Its end is known only from SIGCHLD, which uvloop takes over while it
+    # runs (conftest.py hands it back to the reactor).
+    ended = Deferred()
+
+    class Child(protocol.ProcessProtocol):
+        def processEnded(self, reason):
+            ended.callback(reason.value.exitCode)
+
+    code = "import os, time; [os.close(fd) for fd in (0, 1, 2)]; time.sleep(0.5); os._exit(3)"
+    reactor.spawnProcess(Child(), sys.executable, [sys.executable, "-c", code], env=os.environ)
+    assert await ended.addTimeout(10, reactor) == 3
 
 
 def test_importing_the_plugin_module_leaves_the_reactor_to_the_options():
