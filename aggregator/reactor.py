@@ -5,8 +5,11 @@ hangs. aggregator.tap installs it once its options are parsed (the event loop
 under it is one of them, --loop), i.e. after twistd handled -r (if any) and
 before anything else imports the reactor.
 
-The loop: uvloop by default where it imports (libuv: ingest and delivery
-measurably faster, docs/DESIGN.md), else the standard library's.
+The loop: uvloop by default where it imports (libuv: a cheaper loop per
+event; the measurements are in docs/DESIGN.md), else the standard library's. On uvloop,
+Twisted never hears of SIGCHLD (uvloop owns the signal wake-up fd while it
+runs): the daemon spawns no processes; a feature that does must reap them
+(conftest.py does, for the tests).
 """
 
 from __future__ import annotations
