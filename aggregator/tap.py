@@ -1,7 +1,10 @@
 """`twistd aggregator`: options and the service tree.
 
-Importing this module installs the asyncio reactor (grpc.aio needs it); twistd
-imports it only once the subcommand is chosen and -r has been handled.
+The options install the asyncio reactor (grpc.aio needs it) on the event loop
+of --loop, once parsed: twistd imports this module when the subcommand is
+chosen, after -r was handled, and nothing imported here may import
+twisted.internet.reactor (tests/test_loops.py checks), or the loop could no
+longer be chosen.
 """
 
 from __future__ import annotations
@@ -10,19 +13,16 @@ import sys
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
-from aggregator.reactor import install_asyncio_reactor
+from twisted.application.service import IServiceCollection, MultiService, Service
+from twisted.logger import Logger
+from twisted.python import usage
 
-install_asyncio_reactor()
-
-from twisted.application.service import IServiceCollection, MultiService, Service  # noqa: E402
-from twisted.python import usage  # noqa: E402
-
-from aggregator import __version__  # noqa: E402
-from aggregator.address import CannotListen, check_can_listen, split_host_port  # noqa: E402
-from aggregator.exchanges import VENUES  # noqa: E402
-from aggregator.exchanges.feed import VenueFeed  # noqa: E402
-from aggregator.gcpause import GC_MODES, GcTuning  # noqa: E402
-from aggregator.grpc_service import (  # noqa: E402
+from aggregator import __version__, metrics
+from aggregator.address import CannotListen, check_can_listen, split_host_port
+from aggregator.exchanges import VENUES
+from aggregator.exchanges.feed import VenueFeed
+from aggregator.gcpause import GC_MODES, GcTuning
+from aggregator.grpc_service import (
     API_SERVICES,
     AggregatorServicer,
     GrpcServer,
@@ -30,13 +30,14 @@ from aggregator.grpc_service import (  # noqa: E402
     Limits,
     SummarySource,
 )
-from aggregator.health import Health, HealthFeed  # noqa: E402
-from aggregator.jsonlog import use_json_log  # noqa: E402
-from aggregator.merger import Merger  # noqa: E402
-from aggregator.metrics_http import MetricsServer  # noqa: E402
-from aggregator.nats.options import NATS_PARAMETERS, check_nats_options  # noqa: E402
-from aggregator.symbols import InvalidSymbol, normalize  # noqa: E402
-from aggregator.tls import BadKeyPair, KeyPair, read_client_ca, read_key_pair  # noqa: E402
+from aggregator.health import Health, HealthFeed
+from aggregator.jsonlog import use_json_log
+from aggregator.merger import Merger
+from aggregator.metrics_http import MetricsServer
+from aggregator.nats.options import NATS_PARAMETERS, check_nats_options
+from aggregator.reactor import LOOPS, default_loop, install_asyncio_reactor, loop_version
+from aggregator.symbols import InvalidSymbol, normalize
+from aggregator.tls import BadKeyPair, KeyPair, read_client_ca, read_key_pair
 
 if TYPE_CHECKING:
     from aggregator.simulator import SimulatorService
@@ -75,6 +76,7 @@ class StartupError(usage.UsageError):
 
 
 class Options(usage.Options):
+    log = Logger()
     synopsis = "[options]"
     longdesc = (
         "Connects to the exchanges' public websocket feeds, keeps a correct order "
@@ -129,6 +131,9 @@ class Options(usage.Options):
         ["gc", None, "tuned",
          "Garbage collector: tuned (freeze the start-up heap, collect young objects less "
          "often: shorter, rarer pauses) or python (Python's defaults)."],
+        ["loop", None, None,
+         "Event loop under the asyncio reactor: uvloop or asyncio (the standard "
+         "library's). Default uvloop where it can be imported, else asyncio."],
         ["log-format", None, "text",
          "text, or json: one JSON object per line, where twistd logs "
          "(stdout with -n, else --logfile)."],
@@ -170,6 +175,8 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
+        # First: the reactor is there for everything after (ports, NATS, ...).
+        self._install_reactor()
         try:
             split_host_port(self["listen"])
         except ValueError as error:
@@ -204,6 +211,27 @@ class Options(usage.Options):
         # (tests build the service directly, on ports of their own).
         if self.parent is not None:
             self._check_ports()
+
+    def _install_reactor(self) -> None:
+        """--loop: install the reactor on that loop, or check the one installed."""
+        asked = self["loop"]
+        if asked is not None and asked not in LOOPS:
+            raise usage.UsageError(f"--loop must be one of {', '.join(LOOPS)}, got {asked!r}")
+        usable, why_not_uvloop = default_loop()
+        if asked == "uvloop" and why_not_uvloop is not None:
+            raise StartupError(f"--loop uvloop: {why_not_uvloop}")
+        running = install_asyncio_reactor(asked or usable)
+        # A reactor installed before (twistd -r asyncio, a test's) keeps its
+        # loop: fine unless another was asked for by name.
+        if asked is not None and running != asked:
+            raise StartupError(
+                f"--loop {asked}: the reactor already runs on {running} "
+                "(installed before the options were read, e.g. by twistd -r asyncio)"
+            )
+        self["loop"] = running
+        metrics.BUILD.info({"version": __version__, "event_loop": running})
+        since = f", since {why_not_uvloop}" if asked is None and why_not_uvloop else ""
+        self.log.info("event loop: {loop}{since}", loop=loop_version(running), since=since)
 
     def _check_recording(self) -> None:
         """--record and --demo-source replay:DIR (aggregator/recording.py, simulator/replay.py)."""

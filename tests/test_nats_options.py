@@ -77,3 +77,17 @@ def test_reconnections_back_off_exponentially_up_to_the_lease_on_the_least_tried
     for tried, delay in enumerate(delays):
         ceiling = min(4.0, 0.25 * 2 ** tried)
         assert ceiling / 2 <= delay <= ceiling
+
+
+@pytest.mark.parametrize("role", ["ingest", "edge", "both"])
+@pytest.mark.parametrize("mode", ["tuned", "python"])
+def test_every_nats_role_applies_the_gc_option(role, mode):
+    from twisted.internet import reactor
+
+    from aggregator.gcpause import GcTuning
+
+    options = parse("--nats", "nats://127.0.0.1:4222", "--nats-role", role, "--gc", mode)
+    # Built, not started: nothing connects.
+    daemon = plugin().makeService(options, reactor)
+    tunings = [service for service in daemon if isinstance(service, GcTuning)]
+    assert [tuning.mode for tuning in tunings] == [mode]

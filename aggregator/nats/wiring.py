@@ -1,5 +1,7 @@
 """The service tree of a daemon started with --nats (tap.makeService hands over).
 
+Every role first tunes the collector (--gc, aggregator/gcpause.py), as the
+embedded daemon does: its pauses hold up the loop whichever role it plays.
 ingest: metrics, (simulator), feeds, Merger, Bus, Ingest, and on --listen gRPC
 health and reflection only — no streams: clients go to edges, so that a symbol
 is watched by its lease owner only.
@@ -13,6 +15,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 
+from aggregator.gcpause import GcTuning
 from aggregator.health import Health
 from aggregator.merger import Merger
 from aggregator.nats.bus import Bus
@@ -29,6 +32,7 @@ def make_scaled_service(options: Any, config: NatsConfig, reactor: Any) -> Multi
     from aggregator.tap import add_grpc_api, add_metrics
 
     root = MultiService()
+    GcTuning(options["gc"], reactor).setServiceParent(root)
     add_metrics(root, options, reactor)
     merger = None
     if config.ingest:
