@@ -3,10 +3,14 @@ exchanges (NOT_SERVING while none is connected), and everything turns
 NOT_SERVING when the server stops."""
 
 
+import asyncio
+import time
+
 import grpc
 import pytest_twisted
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from twisted.internet import reactor
+from twisted.internet.error import CannotListenError
 
 from aggregator.grpc_service import API_SERVICES, AggregatorServicer, GrpcServer
 from aggregator.health import Health
@@ -82,6 +86,22 @@ async def test_api_services_follow_the_exchanges_and_stop_turns_all_not_serving(
     merger.stopService()
 
 
+async def restart_on_the_same_ports(sim, seconds=10.0):
+    """The daemon keeps connecting to the stopped simulator's ports, and on Linux a
+    connect to a free port of the ephemeral range can pick that same port as its own
+    and connect to itself: the port is then briefly taken (seen once in CI as "Address
+    already in use"). The restart is retried until the port is free again."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            sim.startService()
+            return
+        except CannotListenError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 @pytest_twisted.ensureDeferred
 async def test_health_turns_serving_as_the_exchanges_come_up():
     sim = SimulatorService(reactor=reactor, source="synthetic", seed=1, speed=1.0)
@@ -99,7 +119,7 @@ async def test_health_turns_serving_as_the_exchanges_come_up():
             return watch
 
         watch = await aio(exchanges_down())
-        sim.startService()
+        await aio(restart_on_the_same_ports(sim))
 
         async def exchanges_up():
             assert (await within(watch.read(), 15)).status == SERVING
