@@ -119,12 +119,6 @@ def merge_keys(tops: list[KeyedTop], depth: int) -> KeyedTop:
     return bids[:depth], asks[:depth]
 
 
-def merged_levels(top: KeyedTop) -> tuple[list[MergedLevel], list[MergedLevel]]:
-    """Keyed merged levels → (exchange, price, amount), best first."""
-    bids, asks = top
-    return [(n, -p, -a) for p, a, n in bids], [(n, p, -a) for p, a, n in asks]
-
-
 def spread_of(bids: list[MergedLevel], asks: list[MergedLevel]) -> float:
     """best ask - best bid; negative when crossed; NaN when a side is empty.
 
@@ -499,9 +493,7 @@ class Merger(Service):
                 )
         self.hold(symbol)
         state = self._symbols[symbol]
-        if state.changed and not state.subscribers:
-            state.arrival = None  # no frame's latency: it waited for nobody
-            self._merge(state)
+        self._merge_unstreamed(state)
         view = state.views.get(key)
         if view is None:
             view = state.views[key] = _View(*key)
@@ -563,9 +555,7 @@ class Merger(Service):
         state = self._symbols.get(symbol)
         if state is None:
             return None
-        if state.changed and not state.subscribers:
-            state.arrival = None
-            self._merge(state)
+        self._merge_unstreamed(state)
         return state.views[(None, self.depth)].serialized()
 
     def _book_changed(self, changed: ExchangeBook, arrival: float | None) -> None:
@@ -606,6 +596,13 @@ class Merger(Service):
         for symbol, state in due.items():
             if self._symbols.get(symbol) is state:  # else released meanwhile
                 self._merge(state)
+
+    def _merge_unstreamed(self, state: _SymbolState) -> None:
+        """Someone asks for a symbol no stream watched: merge the changes it
+        only noted (_book_changed)."""
+        if state.changed and not state.subscribers:
+            state.arrival = None  # no frame's latency: it waited for nobody
+            self._merge(state)
 
     def _merge(self, state: _SymbolState) -> None:
         if not state.changed:

@@ -221,7 +221,12 @@ def test_stop_ends_streams_after_pending_summary(feeds):
 def test_merged_keys_match_a_plain_sort_of_all_levels(seed):
     import random
 
-    from aggregator.merger import book_keys, merge_keys, merged_levels
+    from aggregator.merger import book_keys, merge_keys
+
+    def merged_levels(top):
+        """Keyed merged levels → (exchange, price, amount), best first."""
+        bids, asks = top
+        return [(n, -p, -a) for p, a, n in bids], [(n, p, -a) for p, a, n in asks]
 
     rng = random.Random(seed)
     tops = []
