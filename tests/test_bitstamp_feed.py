@@ -182,20 +182,30 @@ def test_a_message_out_of_the_documented_order_is_read_whole(swap):
     assert h.books["ethbtc"].book.depth() == (11, 11)
 
 
-def test_a_bad_level_beyond_the_served_depth_is_caught_by_the_verification():
+def seeded():
+    """A harness whose book was seeded by a REST snapshot, and the reactor time in µs."""
     h = Harness()
     h.ack_all()
     h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
         "microtimestamp": "1000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
-    bids = levels(100, -0.01, 100)
-    bids[60] = ("NaN", "1")
-    now_us = int(h.clock.seconds() * 1e6)
-    h.receive(book_message("ethbtc", now_us, bids, levels(101, 0.01, 100)))
-    assert h.books["ethbtc"].state is BookState.LIVE  # what it serves is sound
+    return h, int(h.clock.seconds() * 1e6)
+
+
+def verify_against_a_newer_snapshot(h, now_us):
+    """The periodic verification comes round; the REST snapshot it fetches is newer."""
     h.clock.advance(h.feed.adapter.verify_interval + 5)
     h.connection.activity()
     h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
         "microtimestamp": str(now_us + 10**6), "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+
+
+def test_a_bad_level_beyond_the_served_depth_is_caught_by_the_verification():
+    h, now_us = seeded()
+    bids = levels(100, -0.01, 100)
+    bids[60] = ("NaN", "1")
+    h.receive(book_message("ethbtc", now_us, bids, levels(101, 0.01, 100)))
+    assert h.books["ethbtc"].state is BookState.LIVE  # what it serves is sound
+    verify_against_a_newer_snapshot(h, now_us)
     assert h.books["ethbtc"].state is BookState.STALE
 
 
@@ -294,11 +304,7 @@ def test_a_frame_with_json_numbers_is_decoded_whole():
 
 
 def test_a_frame_malformed_beyond_its_served_levels_serves_them_until_the_verification():
-    h = Harness()
-    h.ack_all()
-    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
-        "microtimestamp": "1000", "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
-    now_us = int(h.clock.seconds() * 1e6)
+    h, now_us = seeded()
     frame = book_message("ethbtc", now_us, frame_levels(100, -0.01, 100),
                          frame_levels(101, 0.01, 100))
     cut = frame.index(b'["99.40"')  # the 61st bid
@@ -306,10 +312,7 @@ def test_a_frame_malformed_beyond_its_served_levels_serves_them_until_the_verifi
     h.receive(frame)
     assert h.books["ethbtc"].state is BookState.LIVE
     assert h.books["ethbtc"].book.top_bids(1) == [(100.0, 1.0)]
-    h.clock.advance(h.feed.adapter.verify_interval + 5)
-    h.connection.activity()
-    h.http.answer(f"{REST}/api/v2/order_book/ethbtc/", {
-        "microtimestamp": str(now_us + 10**6), "bids": [["0.05", "1"]], "asks": [["0.06", "1"]]})
+    verify_against_a_newer_snapshot(h, now_us)
     assert h.books["ethbtc"].state is BookState.STALE
 
 

@@ -169,8 +169,9 @@ def _text_levels(text: bytes) -> list[Level]:
     # exponent so that it reads as a float ("43000" would be an int):
     # orjson converts them all in one call, five times faster than float()
     # per number and the same doubles (both round correctly). A leading zero
-    # ("0100.5") is not JSON: JSONDecodeError, and the sync decodes the frame
-    # whole. The pairs are lists: the book only unpacks them.
+    # ("0100.5") is not JSON, nor is a number beyond a double: JSONDecodeError,
+    # and the sync decodes the frame whole. The pairs are lists: the book only
+    # unpacks them.
     numbers = text.replace(b'",', b"e0,").replace(b'"]', b"e0]").translate(None, b'"')
     levels: list[Level] = orjson.loads(numbers + b"]")
     return levels
@@ -333,8 +334,9 @@ class BookSync:
             try:
                 bids, asks = book.top_levels(served)
             except orjson.JSONDecodeError:
-                # Checked text that is not JSON without its quotes ("007.5"):
-                # decoded whole, and read by aggregator.book's grammar.
+                # Checked text that is not JSON without its quotes ("007.5",
+                # or a number too large for a double): decoded whole, and
+                # read (or rejected, naming the level) by aggregator.book.
                 book = book.whole()
                 bids, asks = book.top_levels(book.served(cut))
             if not (_strictly_best_first(bids, -1.0) and _strictly_best_first(asks, 1.0)):
